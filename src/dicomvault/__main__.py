@@ -1,0 +1,5 @@
+import sys
+
+from dicomvault.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,106 @@
+"""The ``dicomvault`` command. Every command is an operation contributed by a
+plugin; this module only parses, dispatches and prints."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import msgspec
+
+from dicomvault import __version__
+from dicomvault.engine import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    Context,
+    DicomvaultError,
+    Hooks,
+    Operation,
+    Report,
+    UsageError,
+    make_plugin_manager,
+)
+
+from .progress import ProgressReporter
+from .summary import print_summary
+
+log = logging.getLogger("dicomvault")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    d = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--db", default=d, metavar="PATH",
+                        help="the database (default: $DICOMVAULT_DB or the user data directory)")
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                        help="print the result as JSON on stdout")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        default=argparse.SUPPRESS if suppress else False, help="no progress display")
+    parser.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS if suppress else 0,
+                        help="more log output on stderr")
+
+
+def build_parser(operations: Sequence[Operation]) -> argparse.ArgumentParser:
+    parser = _Parser(prog="dicomvault", description="Backup and export engine for DICOM image databases.")
+    parser.add_argument("--version", action="version", version=f"dicomvault {__version__}")
+    _common(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for op in sorted(operations, key=lambda o: o.name):
+        p = sub.add_parser(op.name, help=op.help, description=op.help)
+        _common(p, suppress=True)
+        op.configure(p)
+        p.set_defaults(_operation=op)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.umask(0o077)  # everything we write is private to the user: it is patient data
+    stderr = logging.StreamHandler()
+    stderr.setFormatter(logging.Formatter("dicomvault: %(levelname)s: %(message)s"))
+    log.addHandler(stderr)
+    log.setLevel(logging.WARNING)
+    ctx: Context | None = None
+    try:
+        pm = make_plugin_manager(autoload=not os.environ.get("DICOMVAULT_DISABLE_PLUGIN_AUTOLOAD"))
+        hooks = Hooks(pm)
+        parser = build_parser(hooks.operations())
+        args = parser.parse_args(argv)
+        if args.verbose:
+            log.setLevel(logging.INFO if args.verbose == 1 else logging.DEBUG)
+        op: Operation | None = getattr(args, "_operation", None)
+        if op is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        ctx = Context(hooks, args.db, json_output=args.json, quiet=args.quiet)
+        pm.register(ProgressReporter(ctx, show_bar=not (args.quiet or args.json)), name="cli-progress")
+        ctx.force = bool(getattr(args, "force", False))
+        result = op.run(ctx, args)
+    except DicomvaultError as exc:
+        print(f"dicomvault: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("dicomvault: interrupted; everything committed so far is kept, nothing is half-written",
+              file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_FAILED
+    finally:
+        if ctx is not None:
+            ctx.close()
+    if isinstance(result, Report):
+        if args.json:
+            sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
+        elif not args.quiet or result.problems:
+            print_summary(result)
+        return result.exit_code
+    return int(result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""The human-readable summary printed at the end of an operation."""
+from __future__ import annotations
+
+from dicomvault.engine import Report
+
+VERDICT = {0: "done", 1: "partly done", 2: "failed"}
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)
+
+
+def print_summary(report: Report) -> None:
+    print(f"{report.operation}: {VERDICT.get(report.exit_code, 'failed')} in {report.seconds:.1f} s")
+    for what, counts in report.counts.items():
+        parts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
+        print(f"  {what}s: {parts}")
+    if report.bytes:
+        print(f"  data written: {_size(report.bytes)}")
+    for key, value in report.details.items():
+        print(f"  {key}: {value}")
+    for w in report.warnings:
+        print(f"  warning: {w}")
+    if report.problems:
+        print(f"  {len(report.problems)} problem(s); each was named above (or see --json)")
+    if report.aborted:
+        print(f"  aborted: {report.aborted}")

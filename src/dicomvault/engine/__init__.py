@@ -1,0 +1,54 @@
+"""The public API for plugins and scripts. Import from here, not from the
+submodules: names here keep working across minor releases."""
+from .context import Context, default_database_url
+from .errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+    ChecksumError,
+    ConflictError,
+    CorruptError,
+    DatabaseError,
+    DicomvaultError,
+    FormatError,
+    NotABackupError,
+    PluginError,
+    TruncatedError,
+    UnsupportedFeatureError,
+    UnsupportedVersionError,
+    UsageError,
+)
+from .hookspecs import hookimpl
+from .interfaces import Database, Kind, Operation, Source, Target, TreeNode
+from .manager import Hooks, make_plugin_manager
+from .run import transfer
+from .types import (
+    AttachmentRecord,
+    Attributes,
+    ConflictPolicy,
+    Event,
+    InstanceRecord,
+    Item,
+    Level,
+    Opener,
+    Outcome,
+    PatientRecord,
+    Rejected,
+    Report,
+    Selection,
+    SeriesRecord,
+    StudyRecord,
+    patient_key,
+)
+
+__all__ = [
+    "EXIT_FAILED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "AttachmentRecord", "Attributes",
+    "ChecksumError", "ConflictError", "ConflictPolicy", "Context", "CorruptError", "Database",
+    "DatabaseError", "DicomvaultError", "Event", "FormatError", "Hooks", "InstanceRecord", "Item",
+    "Kind", "Level", "NotABackupError", "Opener", "Operation", "Outcome", "PatientRecord",
+    "PluginError", "Rejected", "Report", "Selection", "SeriesRecord", "Source", "StudyRecord",
+    "Target", "TreeNode", "TruncatedError", "UnsupportedFeatureError", "UnsupportedVersionError",
+    "UsageError", "default_database_url", "hookimpl", "make_plugin_manager", "patient_key",
+    "transfer",
+]

@@ -1,0 +1,154 @@
+"""The contracts a plugin implements: sources, targets, databases, operations.
+
+A *source* offers instances, attributes and attachments; a *target* accepts
+them. Any source works with any target: the run loop in
+:mod:`dicomvault.engine.run` moves items between them and reports outcomes.
+A *database* is a place that is both, plus browsing and bookkeeping.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import msgspec
+
+from .types import (
+    AttachmentRecord,
+    Attributes,
+    ConflictPolicy,
+    InstanceRecord,
+    Item,
+    Level,
+    Opener,
+    Outcome,
+    PatientRecord,
+    Rejected,
+    Report,
+    Selection,
+    SeriesRecord,
+    StudyRecord,
+)
+
+if TYPE_CHECKING:
+    from .context import Context
+
+
+@runtime_checkable
+class Source(Protocol):
+    """Where items come from.
+
+    ``instances`` yields :class:`Item` objects (or :class:`Rejected` for input
+    the source cannot offer) for the selection, in an order that reads
+    efficiently. Opening an item's bytes must stream: never read a whole file
+    into memory. ``attributes`` and ``attachments`` yield what belongs to the
+    selected series and to the studies and patients that contain them.
+    """
+
+    description: str
+
+    def instances(self, selection: Selection) -> Iterator[Item | Rejected]: ...
+
+    def attributes(self, selection: Selection) -> Iterator[Attributes]: ...
+
+    def attachments(self, selection: Selection) -> Iterator[tuple[AttachmentRecord, Opener]]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Target(Protocol):
+    """Where items go.
+
+    ``lookup`` returns the SHA-256 stored under a SOP Instance UID, or None.
+    ``put_instance`` stores one instance under the conflict policy and returns
+    its outcome plus a reason for problems; it must verify the bytes against
+    ``item.instance.sha256`` when that is set and never damage what it already
+    holds when something fails. ``finish(ok=True)`` makes everything durable
+    (for a file target: fsync and rename); ``finish(ok=False)`` discards what
+    is not committed yet.
+    """
+
+    description: str
+
+    def lookup(self, sop_uid: str) -> str | None: ...
+
+    def put_instance(self, item: Item, policy: ConflictPolicy) -> tuple[Outcome, str]: ...
+
+    def put_attributes(self, attrs: Attributes, policy: ConflictPolicy) -> tuple[Outcome, str]: ...
+
+    def put_attachment(self, record: AttachmentRecord, open_: Opener,
+                       policy: ConflictPolicy) -> tuple[Outcome, str]: ...
+
+    def finish(self, ok: bool) -> None: ...
+
+
+class TreeNode(msgspec.Struct, kw_only=True):
+    """One line of ``ls``: an entity with counts and sizes of what it holds."""
+
+    level: Level
+    uid: str
+    label: dict[str, object]
+    studies: int = 0
+    series: int = 0
+    instances: int = 0
+    size: int = 0
+    children: list[TreeNode] = msgspec.field(default_factory=list)
+
+
+@runtime_checkable
+class Database(Protocol):
+    """An online image database: a source, a target, and bookkeeping."""
+
+    url: str
+
+    def source(self) -> Source: ...
+
+    def target(self) -> Target: ...
+
+    def hierarchy(self) -> Iterator[tuple[PatientRecord, StudyRecord, SeriesRecord]]: ...
+
+    def instances(self, selection: Selection) -> Iterator[InstanceRecord]: ...
+
+    def tree(self, selection: Selection, depth: Level) -> list[TreeNode]: ...
+
+    def get_selected(self) -> list[Selection]: ...
+
+    def set_selected(self, selections: list[Selection]) -> None: ...
+
+    def add_attachment(self, level: Level, uid: str, path: str, name: str,
+                       media_type: str) -> AttachmentRecord: ...
+
+    def update_attributes(self, level: Level, uid: str, *, comment: str | None = None,
+                          add_tags: tuple[str, ...] = (), fields: dict[str, str] | None = None,
+                          ) -> Attributes: ...
+
+    def close(self) -> None: ...
+
+
+class Kind(msgspec.Struct, frozen=True, kw_only=True):
+    """A kind of source, target or database, contributed by a plugin.
+
+    ``matches(url)`` says whether this kind handles an address (a URL scheme,
+    a file suffix...); ``open(url, context)`` opens it. For a target,
+    ``open`` must not change anything until items arrive.
+    """
+
+    name: str
+    description: str
+    matches: Callable[[str], bool]
+    open: Callable[[str, Context], object]
+
+
+class Operation(msgspec.Struct, frozen=True, kw_only=True):
+    """A command of the ``dicomvault`` CLI, contributed by a plugin.
+
+    ``configure(parser)`` adds arguments; ``run(context, args)`` does the
+    work and returns a :class:`Report` (its exit code is the command's) or an
+    int exit code for commands that only print.
+    """
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[Context, argparse.Namespace], Report | int]

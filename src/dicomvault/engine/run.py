@@ -1,0 +1,123 @@
+"""The run loop: move a selection from any source to any target.
+
+One pass, streaming: items are handed over one at a time, each gets an
+outcome, and the batch goes on after a per-item failure. Only a conflict
+under policy ``fail`` stops the run, and that is checked before anything is
+written.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+from .context import Context
+from .errors import ConflictError, DicomvaultError
+from .interfaces import Source, Target
+from .types import ConflictPolicy, Event, Item, Outcome, Rejected, Report, Selection
+
+log = logging.getLogger(__name__)
+CHUNK = 1 << 20
+
+
+def sha256_of(item: Item) -> str:
+    """The item's SHA-256: from its record, or by streaming its bytes."""
+    if item.instance.sha256:
+        return item.instance.sha256
+    digest = hashlib.sha256()
+    with item.open() as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def planned_outcome(target: Target, item: Item, policy: ConflictPolicy) -> Outcome:
+    """What ``put_instance`` would do, without doing it."""
+    stored = target.lookup(item.instance.sop_uid)
+    if stored is None:
+        return Outcome.WOULD_STORE
+    if stored == sha256_of(item):
+        return Outcome.UNCHANGED
+    return Outcome.WOULD_OVERWRITE if policy is ConflictPolicy.OVERWRITE else Outcome.CONFLICT
+
+
+def _preflight(source: Source, target: Target, selection: Selection) -> None:
+    conflicts = []
+    for it in source.instances(selection):
+        if isinstance(it, Item) and planned_outcome(target, it, ConflictPolicy.FAIL) is Outcome.CONFLICT:
+            conflicts.append(it.instance.sop_uid)
+    if conflicts:
+        shown = ", ".join(conflicts[:5]) + (f" and {len(conflicts) - 5} more" if len(conflicts) > 5 else "")
+        raise ConflictError(f"{len(conflicts)} instance(s) differ from what the target holds under the "
+                            f"same SOP Instance UID ({shown}); nothing was changed (policy: fail)")
+
+
+def transfer(ctx: Context, source: Source, target: Target, selection: Selection, *,
+             policy: ConflictPolicy = ConflictPolicy.SKIP, dry_run: bool = False,
+             operation: str = "transfer", total: int | None = None) -> Report:
+    """Move what ``selection`` picks from ``source`` to ``target``.
+
+    Returns the report; raises only for errors that stop the whole run (the
+    target is then rolled back to its last durable state).
+    """
+    report = Report(operation=operation)
+    started = time.monotonic()
+    ctx.emit(Event(kind="start", operation=operation, total=total))
+    ok = False
+
+    def record(what: str, outcome: Outcome, item: str, reason: str = "", size: int = 0) -> None:
+        report.add(what, outcome, item, reason, size)
+        if outcome.is_problem:
+            log.info("%s %s: %s%s", what, item, outcome.value, f" ({reason})" if reason else "")
+        ctx.emit(Event(kind="item", operation=operation, item=item, what=what,  # type: ignore[arg-type]
+                       outcome=outcome.value, reason=reason, size=size))
+
+    try:
+        if policy is ConflictPolicy.FAIL:
+            _preflight(source, target, selection)
+        for it in source.instances(selection):
+            if isinstance(it, Rejected):
+                record("file", Outcome.IGNORED if it.ignored else Outcome.REJECTED, it.item, it.reason)
+                continue
+            uid = it.instance.sop_uid
+            try:
+                if dry_run:
+                    outcome, reason = planned_outcome(target, it, policy), ""
+                else:
+                    outcome, reason = target.put_instance(it, policy)
+            except (DicomvaultError, OSError) as exc:
+                outcome, reason = Outcome.FAILED, str(exc)
+            if outcome is Outcome.CONFLICT and not reason:
+                reason = "other content is stored under this SOP Instance UID; left untouched"
+            record("instance", outcome, uid, reason, it.instance.size)
+            if outcome is Outcome.CONFLICT and policy is ConflictPolicy.FAIL:
+                raise ConflictError(f"instance {uid} conflicts with the target (policy: fail)")
+        for attrs in source.attributes(selection):
+            name = f"{attrs.level} {attrs.uid if attrs.level != 'patient' else '(patient)'}"
+            if dry_run:
+                record("attributes", Outcome.WOULD_STORE, name)
+                continue
+            try:
+                outcome, reason = target.put_attributes(attrs, policy)
+            except (DicomvaultError, OSError) as exc:
+                outcome, reason = Outcome.FAILED, str(exc)
+            record("attributes", outcome, name, reason)
+        for rec, opener in source.attachments(selection):
+            name = f"attachment {rec.attachment_id}"
+            if dry_run:
+                record("attachment", Outcome.WOULD_STORE, name, size=rec.size)
+                continue
+            try:
+                outcome, reason = target.put_attachment(rec, opener, policy)
+            except (DicomvaultError, OSError) as exc:
+                outcome, reason = Outcome.FAILED, str(exc)
+            record("attachment", outcome, name, reason, rec.size)
+        ok = True
+    finally:
+        target.finish(ok and not dry_run)
+        report.seconds = round(time.monotonic() - started, 3)
+        if not ok:
+            report.aborted = report.aborted or "stopped before the end"
+        ctx.emit(Event(kind="finish", operation=operation))
+    ctx.hooks.on_report(report)
+    return report

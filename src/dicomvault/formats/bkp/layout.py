@@ -1,0 +1,102 @@
+"""Byte layout of a .bkp file (SPEC.md, section "Layout"). Little endian,
+fixed-width 64-bit offsets and lengths everywhere.
+
+    header (64 bytes) | frame | frame | ... | manifest frame | footer (64 bytes)
+"""
+from __future__ import annotations
+
+import struct
+
+import xxhash
+
+from dicomvault.engine import (
+    ChecksumError,
+    CorruptError,
+    NotABackupError,
+    TruncatedError,
+    UnsupportedFeatureError,
+    UnsupportedVersionError,
+)
+
+MAJOR = 1
+MINOR = 0
+
+HEADER_MAGIC = b"\x89DVBKP\r\n"  # high bit, CR LF: catches 7-bit and text-mode damage
+FRAME_MAGIC = b"DVFR"
+FOOTER_MAGIC = b"DVBKPEND"
+
+HEADER = struct.Struct("<8sHHI16sq16sQ")  # magic major minor flags file_id created reserved xxh3
+FRAME = struct.Struct("<4sBBHQQQQQ")  # magic type codec reserved seq stored raw payload_xxh3 hdr_xxh3
+FOOTER = struct.Struct("<QQQ16s8sQ8s")  # manifest_off manifest_len frames file_id reserved xxh3 magic
+assert HEADER.size == 64 and FRAME.size == 48 and FOOTER.size == 64
+
+FRAME_DATA = 1
+FRAME_MANIFEST = 2
+CODEC_NONE = 0
+CODEC_ZSTD = 1
+KNOWN_CODECS = (CODEC_NONE, CODEC_ZSTD)
+
+
+def xxh3(data: bytes | bytearray | memoryview) -> int:
+    """XXH3-64 with seed 0, as an unsigned integer (stored little endian)."""
+    return xxhash.xxh3_64_intdigest(data)
+
+
+def pack_header(file_id: bytes, created: int) -> bytes:
+    body = HEADER.pack(HEADER_MAGIC, MAJOR, MINOR, 0, file_id, created, bytes(16), 0)[:56]
+    return body + struct.pack("<Q", xxh3(body))
+
+
+def unpack_header(raw: bytes) -> tuple[int, int, bytes, int]:
+    """Returns (major, minor, file_id, created); raises the format's errors."""
+    if len(raw) < 8 or raw[:8] != HEADER_MAGIC:
+        raise NotABackupError("not a .bkp file (the header magic is missing)")
+    if len(raw) < HEADER.size:
+        raise TruncatedError("truncated .bkp file: the header is incomplete")
+    magic, major, minor, flags, file_id, created, reserved, check = HEADER.unpack(raw[:64])
+    if xxh3(raw[:56]) != check:
+        raise ChecksumError("the .bkp header checksum does not match (damaged header)")
+    if major != MAJOR:
+        raise UnsupportedVersionError(f"this .bkp file has format version {major}.{minor}; this "
+                                      f"release reads major version {MAJOR} only: upgrade dicomvault")
+    if flags != 0 or reserved != bytes(16):
+        raise CorruptError("reserved header fields are not zero")
+    return major, minor, file_id, created
+
+
+def pack_frame_header(ftype: int, codec: int, seq: int, stored: int, raw: int, payload_xxh3: int) -> bytes:
+    body = FRAME.pack(FRAME_MAGIC, ftype, codec, 0, seq, stored, raw, payload_xxh3, 0)[:40]
+    return body + struct.pack("<Q", xxh3(body))
+
+
+def unpack_frame_header(raw: bytes, where: int) -> tuple[int, int, int, int, int, int]:
+    """Returns (type, codec, seq, stored, raw, payload_xxh3)."""
+    if len(raw) < FRAME.size:
+        raise TruncatedError(f"truncated .bkp file: frame header at offset {where} is incomplete")
+    magic, ftype, codec, reserved, seq, stored, rawlen, pcheck, hcheck = FRAME.unpack(raw)
+    if magic != FRAME_MAGIC:
+        raise CorruptError(f"no frame at offset {where} (bad frame magic)")
+    if xxh3(raw[:40]) != hcheck:
+        raise ChecksumError(f"frame header at offset {where} is damaged (checksum mismatch)")
+    if reserved != 0:
+        raise CorruptError(f"frame at offset {where}: reserved field is not zero")
+    if codec not in KNOWN_CODECS:
+        raise UnsupportedFeatureError(f"frame at offset {where} uses codec {codec}, unknown to this release")
+    return ftype, codec, seq, stored, rawlen, pcheck
+
+
+def pack_footer(manifest_offset: int, manifest_length: int, frames: int, file_id: bytes) -> bytes:
+    body = FOOTER.pack(manifest_offset, manifest_length, frames, file_id, bytes(8), 0, FOOTER_MAGIC)[:48]
+    return body + struct.pack("<Q", xxh3(body)) + FOOTER_MAGIC
+
+
+def unpack_footer(raw: bytes) -> tuple[int, int, int, bytes]:
+    """Returns (manifest_offset, manifest_length, data_frames, file_id)."""
+    if len(raw) < FOOTER.size or raw[-8:] != FOOTER_MAGIC:
+        raise TruncatedError("truncated or unfinished .bkp file: the footer is missing")
+    moff, mlen, frames, file_id, reserved, check, _magic = FOOTER.unpack(raw)
+    if xxh3(raw[:48]) != check:
+        raise ChecksumError("the .bkp footer checksum does not match (damaged footer)")
+    if reserved != bytes(8):
+        raise CorruptError("reserved footer fields are not zero")
+    return moff, mlen, frames, file_id

@@ -1,0 +1,72 @@
+"""The manifest: what a .bkp holds and where (SPEC.md, section "Manifest").
+
+Encoded with msgspec as MessagePack, stored in a zstd frame of type 2. New
+fields are only ever added, with defaults; readers ignore fields they do not
+know (msgspec does so by default), which is how minor versions stay
+readable.
+"""
+from __future__ import annotations
+
+import msgspec
+
+from dicomvault.engine import (
+    AttachmentRecord,
+    Attributes,
+    InstanceRecord,
+    PatientRecord,
+    SeriesRecord,
+    StudyRecord,
+)
+
+# Features this release can read. A file that lists another one under
+# required_features is refused with a message naming it.
+KNOWN_FEATURES: frozenset[str] = frozenset()
+
+
+class FrameEntry(msgspec.Struct, array_like=True, frozen=True):
+    """A data frame: where it starts in the file and where its content
+    starts in the payload stream (the concatenation of all frames' content)."""
+
+    offset: int
+    stored: int
+    raw: int
+    codec: int
+    stream_offset: int
+
+
+class Blob(msgspec.Struct, array_like=True, frozen=True):
+    """A byte range of the payload stream."""
+
+    offset: int
+    length: int
+
+
+class InstanceEntry(msgspec.Struct, frozen=True):
+    record: InstanceRecord
+    blob: Blob
+
+
+class AttachmentEntry(msgspec.Struct, frozen=True):
+    record: AttachmentRecord
+    blob: Blob
+
+
+class Manifest(msgspec.Struct, kw_only=True):
+    format: str = "dicomvault-bkp"
+    major: int
+    minor: int
+    writer: str
+    created: str
+    required_features: list[str] = msgspec.field(default_factory=list)
+    optional_features: list[str] = msgspec.field(default_factory=list)
+    frames: list[FrameEntry] = msgspec.field(default_factory=list)
+    patients: list[PatientRecord] = msgspec.field(default_factory=list)
+    studies: list[StudyRecord] = msgspec.field(default_factory=list)
+    series: list[SeriesRecord] = msgspec.field(default_factory=list)
+    instances: list[InstanceEntry] = msgspec.field(default_factory=list)
+    attributes: list[Attributes] = msgspec.field(default_factory=list)
+    attachments: list[AttachmentEntry] = msgspec.field(default_factory=list)
+
+
+encoder = msgspec.msgpack.Encoder()
+decoder = msgspec.msgpack.Decoder(Manifest)

@@ -1,0 +1,173 @@
+"""Random-access .bkp reader.
+
+Opening reads the header, the footer and the manifest only. A blob is read
+by decompressing just the frames that hold it, one at a time; the last
+frame stays cached because neighbouring blobs share it. Every frame is
+checked against its checksum before use.
+"""
+from __future__ import annotations
+
+import bisect
+import io
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+import msgspec
+import zstandard
+
+from dicomvault.engine import (
+    ChecksumError,
+    CorruptError,
+    TruncatedError,
+    UnsupportedFeatureError,
+    UnsupportedVersionError,
+)
+
+from .layout import (
+    CODEC_ZSTD,
+    FOOTER,
+    FRAME,
+    FRAME_DATA,
+    FRAME_MANIFEST,
+    HEADER,
+    MAJOR,
+    unpack_footer,
+    unpack_frame_header,
+    unpack_header,
+    xxh3,
+)
+from .manifest import KNOWN_FEATURES, Blob, Manifest, decoder
+
+MAX_MANIFEST = 1 << 32  # refuse to allocate more than this from a length field
+
+
+class BkpReader:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self.fh: BinaryIO = open(self.path, "rb")
+        except OSError as exc:
+            raise TruncatedError(f"cannot open {self.path}: {exc.strerror}") from exc
+        self._cache: tuple[int, bytes] | None = None
+        self._dctx = zstandard.ZstdDecompressor()
+        self.bytes_read = 0
+        try:
+            self._open()
+        except BaseException:
+            self.fh.close()
+            raise
+
+    def _open(self) -> None:
+        self.size = os.fstat(self.fh.fileno()).st_size
+        self.major, self.minor, self.file_id, self.created = unpack_header(self.fh.read(HEADER.size))
+        if self.size < HEADER.size + FOOTER.size:
+            raise TruncatedError(f"truncated .bkp file {self.path.name}: too short to hold a footer")
+        self.fh.seek(self.size - FOOTER.size)
+        moff, mlen, nframes, file_id = unpack_footer(self.fh.read(FOOTER.size))
+        if file_id != self.file_id:
+            raise CorruptError("header and footer belong to different .bkp files")
+        if not (HEADER.size <= moff and moff + mlen <= self.size - FOOTER.size and mlen >= FRAME.size):
+            raise CorruptError("the footer points outside the file")
+        self.fh.seek(moff)
+        ftype, codec, _seq, stored, raw, check = unpack_frame_header(self.fh.read(FRAME.size), moff)
+        if ftype != FRAME_MANIFEST or stored != mlen - FRAME.size:
+            raise CorruptError("the footer does not point at the manifest frame")
+        if raw > MAX_MANIFEST:
+            raise CorruptError(f"manifest length {raw} is implausible")
+        payload = self.fh.read(stored)
+        if len(payload) != stored:
+            raise TruncatedError("truncated .bkp file: the manifest is incomplete")
+        if xxh3(payload) != check:
+            raise ChecksumError("the manifest frame is damaged (checksum mismatch)")
+        data = self._decode(payload, codec, raw, "the manifest")
+        try:
+            self.manifest: Manifest = decoder.decode(data)
+        except msgspec.MsgspecError as exc:
+            raise CorruptError(f"the manifest cannot be decoded: {exc}") from exc
+        m = self.manifest
+        if m.major != MAJOR:
+            raise UnsupportedVersionError(f"the manifest has format version {m.major}.{m.minor}; "
+                                          f"this release reads major version {MAJOR}")
+        unknown = [f for f in m.required_features if f not in KNOWN_FEATURES]
+        if unknown:
+            raise UnsupportedFeatureError("this .bkp file needs feature(s) this release does not "
+                                          "implement: " + ", ".join(unknown))
+        if len(m.frames) != nframes:
+            raise CorruptError("the footer and the manifest disagree on the number of frames")
+        expected = 0
+        for i, fe in enumerate(m.frames):
+            if fe.stream_offset != expected or fe.offset < HEADER.size or \
+                    fe.offset + FRAME.size + fe.stored > moff:
+                raise CorruptError(f"frame {i} has an inconsistent index entry")
+            expected += fe.raw
+        self.stream_size = expected
+        self._starts = [fe.stream_offset for fe in m.frames]
+        for entry in (*m.instances, *m.attachments):
+            if entry.blob.offset < 0 or entry.blob.length < 0 or \
+                    entry.blob.offset + entry.blob.length > expected:
+                raise CorruptError("a blob points outside the payload")
+
+    def _decode(self, payload: bytes, codec: int, raw: int, what: str) -> bytes:
+        if codec != CODEC_ZSTD:
+            data = payload
+        else:
+            try:
+                data = self._dctx.decompress(payload, max_output_size=raw) if raw else b""
+            except zstandard.ZstdError as exc:
+                raise ChecksumError(f"{what} cannot be decompressed: {exc}") from exc
+        if len(data) != raw:
+            raise CorruptError(f"{what} has {len(data)} bytes, {raw} announced")
+        return data
+
+    def read_frame(self, index: int) -> bytes:
+        """The content of data frame ``index``, verified."""
+        if self._cache is not None and self._cache[0] == index:
+            return self._cache[1]
+        fe = self.manifest.frames[index]
+        self.fh.seek(fe.offset)
+        head = self.fh.read(FRAME.size)
+        ftype, codec, seq, stored, raw, check = unpack_frame_header(head, fe.offset)
+        if ftype != FRAME_DATA or seq != index or stored != fe.stored or raw != fe.raw or codec != fe.codec:
+            raise CorruptError(f"frame {index} at offset {fe.offset} does not match the index")
+        payload = self.fh.read(stored)
+        self.bytes_read += FRAME.size + len(payload)
+        if len(payload) != stored:
+            raise TruncatedError(f"truncated .bkp file: frame {index} is incomplete")
+        if xxh3(payload) != check:
+            raise ChecksumError(f"frame {index} at offset {fe.offset} is damaged (checksum mismatch)")
+        data = self._decode(payload, codec, raw, f"frame {index}")
+        self._cache = (index, data)
+        return data
+
+    def open_blob(self, blob: Blob) -> BinaryIO:
+        return io.BufferedReader(_BlobStream(self, blob), buffer_size=1 << 20)  # type: ignore[arg-type]
+
+    def frame_of(self, stream_offset: int) -> int:
+        return bisect.bisect_right(self._starts, stream_offset) - 1
+
+    def close(self) -> None:
+        self.fh.close()
+        self._cache = None
+
+
+class _BlobStream(io.RawIOBase):
+    """A blob as a readable stream, decompressing frame by frame."""
+
+    def __init__(self, reader: BkpReader, blob: Blob) -> None:
+        self.reader, self.pos, self.end = reader, blob.offset, blob.offset + blob.length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        if self.pos >= self.end:
+            return 0
+        index = self.reader.frame_of(self.pos)
+        fe = self.reader.manifest.frames[index]
+        data = self.reader.read_frame(index)
+        start = self.pos - fe.stream_offset
+        n = min(len(buffer), self.end - self.pos, fe.raw - start)
+        buffer[:n] = data[start:start + n]
+        self.pos += n
+        return n

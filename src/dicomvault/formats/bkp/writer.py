@@ -1,0 +1,166 @@
+"""Streaming .bkp writer.
+
+Blobs (instance files, attachments) are appended to one logical payload
+stream that is cut into independent frames of ``frame_size`` bytes. Frames
+are compressed by zstd in worker threads (zstandard releases the GIL, so
+the C code runs in parallel) while the caller keeps reading input; at most
+two frames per thread are in flight, so memory stays flat whatever the size
+of the backup. The file is written under a temporary name in the target
+directory, fsynced, renamed, and the directory fsynced.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+
+from .layout import (
+    CODEC_NONE,
+    CODEC_ZSTD,
+    FRAME_DATA,
+    FRAME_MANIFEST,
+    MAJOR,
+    MINOR,
+    pack_footer,
+    pack_frame_header,
+    pack_header,
+    xxh3,
+)
+from .manifest import Blob, FrameEntry, Manifest, encoder
+
+FRAME_SIZE = 4 << 20
+READ_CHUNK = 1 << 20
+_local = threading.local()
+
+
+def _compress(raw: bytes | bytearray, level: int) -> tuple[int, bytes | bytearray, int]:
+    """(codec, payload, xxh3 of payload); stores raw when zstd does not help."""
+    comp = getattr(_local, "zstd", None)
+    if comp is None or _local.level != level:
+        comp = _local.zstd = zstandard.ZstdCompressor(level=level, write_checksum=True,
+                                                      write_content_size=True)
+        _local.level = level
+    packed = comp.compress(raw)
+    if len(packed) >= len(raw):
+        return CODEC_NONE, raw, xxh3(raw)
+    return CODEC_ZSTD, packed, xxh3(packed)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BkpWriter:
+    def __init__(self, path: str | os.PathLike[str], *, writer: str, level: int = 3,
+                 frame_size: int = FRAME_SIZE, threads: int | None = None) -> None:
+        self.final = Path(path)
+        self.level = level
+        self.frame_size = frame_size
+        self.threads = threads or max(1, min(4, os.cpu_count() or 1))
+        self.writer_name = writer
+        fd, tmp = tempfile.mkstemp(dir=self.final.parent, prefix=f".{self.final.name}.", suffix=".part")
+        self.tmp = Path(tmp)
+        self.fh = os.fdopen(fd, "wb", buffering=1 << 20)
+        self.file_id = os.urandom(16)
+        self.fh.write(pack_header(self.file_id, time.time_ns()))
+        self.pos = 64
+        self.buf = bytearray()
+        self.stream_pos = 0  # bytes appended to the payload stream so far
+        self.cut_pos = 0  # payload stream offset where the open frame starts
+        self.frames: list[FrameEntry] = []
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="bkp-zstd")
+        self.pending: collections.deque[tuple[Future[tuple[int, bytes | bytearray, int]], int, int]] = \
+            collections.deque()
+        self.closed = False
+
+    # ------------------------------------------------------------ payload
+    def add_blob(self, stream: BinaryIO, tap: object = None) -> Blob:
+        """Append everything ``stream`` yields; ``tap(chunk)`` sees each chunk
+        (to hash it on the way)."""
+        start = self.stream_pos
+        while chunk := stream.read(READ_CHUNK):
+            if tap is not None:
+                tap(chunk)  # type: ignore[operator]
+            self._append(chunk)
+        return Blob(start, self.stream_pos - start)
+
+    def _append(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            room = self.frame_size - len(self.buf)
+            self.buf += view[:room]
+            taken = min(room, len(view))
+            self.stream_pos += taken
+            view = view[taken:]
+            if len(self.buf) >= self.frame_size:
+                self._cut()
+
+    def _cut(self) -> None:
+        if not self.buf:
+            return
+        raw, self.buf = self.buf, bytearray()
+        self.pending.append((self.pool.submit(_compress, raw, self.level), len(raw), self.cut_pos))
+        self.cut_pos += len(raw)
+        while len(self.pending) > 2 * self.threads:
+            self._drain_one()
+
+    def _drain_one(self) -> None:
+        future, rawlen, stream_offset = self.pending.popleft()
+        codec, payload, check = future.result()
+        seq = len(self.frames)
+        self.fh.write(pack_frame_header(FRAME_DATA, codec, seq, len(payload), rawlen, check))
+        self.fh.write(payload)
+        self.frames.append(FrameEntry(self.pos, len(payload), rawlen, codec, stream_offset))
+        self.pos += 48 + len(payload)
+
+    # ------------------------------------------------------------ finishing
+    def finish(self, manifest: Manifest) -> Path:
+        """Write the manifest and footer, make the file durable, rename it."""
+        self._cut()
+        while self.pending:
+            self._drain_one()
+        self.pool.shutdown()
+        manifest.major, manifest.minor = MAJOR, MINOR
+        manifest.writer = self.writer_name
+        manifest.created = manifest.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
+        manifest.frames = self.frames
+        raw = encoder.encode(manifest)
+        codec, payload, check = _compress(raw, self.level)
+        manifest_offset = self.pos
+        self.fh.write(pack_frame_header(FRAME_MANIFEST, codec, len(self.frames), len(payload), len(raw), check))
+        self.fh.write(payload)
+        self.pos += 48 + len(payload)
+        self.fh.write(pack_footer(manifest_offset, 48 + len(payload), len(self.frames), self.file_id))
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        self.closed = True
+        os.replace(self.tmp, self.final)
+        fsync_dir(self.final.parent)
+        return self.final
+
+    def abort(self) -> None:
+        """Drop everything: no file appears under the final name."""
+        if self.closed:
+            return
+        self.closed = True
+        self.pool.shutdown(cancel_futures=True)
+        try:
+            self.fh.close()
+        finally:
+            try:
+                self.tmp.unlink()
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,193 @@
+"""A .bkp file as a source (Import Database) and as a target (Export
+Database). Addresses: a path ending in ``.bkp``, or ``bkp:PATH``."""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+
+from dicomvault import __version__
+from dicomvault.engine import (
+    AttachmentRecord,
+    Attributes,
+    ConflictPolicy,
+    Context,
+    Item,
+    Kind,
+    Opener,
+    Outcome,
+    PatientRecord,
+    Rejected,
+    Selection,
+    SeriesRecord,
+    StudyRecord,
+    UsageError,
+    hookimpl,
+)
+from dicomvault.formats.bkp.manifest import AttachmentEntry, InstanceEntry, Manifest
+from dicomvault.formats.bkp.reader import BkpReader
+from dicomvault.formats.bkp.writer import BkpWriter
+
+
+def _path(url: str) -> str:
+    return url[4:] if url.startswith("bkp:") else url
+
+
+def _is_bkp(url: str) -> bool:
+    return url.startswith("bkp:") or ("://" not in url and url.lower().endswith(".bkp"))
+
+
+class BkpSource:
+    def __init__(self, path: str) -> None:
+        self.reader = BkpReader(path)
+        self.description = f"backup file {path}"
+        m = self.reader.manifest
+        self.patients = {p.key: p for p in m.patients}
+        self.studies = {s.study_uid: s for s in m.studies}
+        self.series = {s.series_uid: s for s in m.series}
+
+    def _hierarchy(self, series_uid: str) -> tuple[PatientRecord, StudyRecord, SeriesRecord] | None:
+        se = self.series.get(series_uid)
+        st = self.studies.get(se.study_uid) if se else None
+        p = self.patients.get(st.patient_key) if st else None
+        return (p, st, se) if (p and st and se) else None
+
+    def _owners(self, selection: Selection) -> dict[str, set[str]]:
+        owners: dict[str, set[str]] = {"patient": set(), "study": set(), "series": set()}
+        for se in self.series.values():
+            h = self._hierarchy(se.series_uid)
+            if h and selection.matches(*h):
+                owners["patient"].add(h[0].key)
+                owners["study"].add(h[1].study_uid)
+                owners["series"].add(h[2].series_uid)
+        return owners
+
+    def _selected_entries(self, selection: Selection) -> list[InstanceEntry]:
+        wanted = self._owners(selection)["series"]
+        return [e for e in self.reader.manifest.instances if e.record.series_uid in wanted]
+
+    def instances(self, selection: Selection) -> Iterator[Item | Rejected]:
+        # In payload order, so frames are read once each, front to back.
+        for entry in sorted(self._selected_entries(selection), key=lambda e: e.blob.offset):
+            h = self._hierarchy(entry.record.series_uid)
+            assert h is not None
+            blob = entry.blob
+            yield Item(entry.record, h[2], h[1], h[0], lambda blob=blob: self.reader.open_blob(blob))
+
+    def attributes(self, selection: Selection) -> Iterator[Attributes]:
+        owners = self._owners(selection)
+        owners["instance"] = {e.record.sop_uid for e in self._selected_entries(selection)}
+        for attrs in self.reader.manifest.attributes:
+            if attrs.uid in owners.get(attrs.level, ()):
+                yield attrs
+
+    def attachments(self, selection: Selection) -> Iterator[tuple[AttachmentRecord, Opener]]:
+        owners = self._owners(selection)
+        for entry in self.reader.manifest.attachments:
+            if entry.record.uid in owners.get(entry.record.level, ()):
+                blob = entry.blob
+                yield entry.record, (lambda blob=blob: self.reader.open_blob(blob))
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class BkpTarget:
+    """Writes a new .bkp file; it appears under its name only when complete."""
+
+    def __init__(self, path: str, *, overwrite: bool = False, level: int = 3) -> None:
+        final = Path(path)
+        if final.exists() and not overwrite:
+            raise UsageError(f"{path} exists; choose another name or pass --force to replace it")
+        if not final.parent.is_dir():
+            raise UsageError(f"the folder {final.parent} does not exist")
+        self.description = f"backup file {path}"
+        self.writer = BkpWriter(final, writer=f"dicomvault {__version__}", level=level)
+        self.patients: dict[str, PatientRecord] = {}
+        self.studies: dict[str, StudyRecord] = {}
+        self.series: dict[str, SeriesRecord] = {}
+        self.instances: dict[str, InstanceEntry] = {}
+        self.attributes: dict[tuple[str, str], Attributes] = {}
+        self.attachments: dict[str, AttachmentEntry] = {}
+
+    def lookup(self, sop_uid: str) -> str | None:
+        entry = self.instances.get(sop_uid)
+        return entry.record.sha256 if entry else None
+
+    def _write(self, open_: Opener, expected: str, what: str) -> tuple[object, str, int] | tuple[None, str, int]:
+        digest = hashlib.sha256()
+        with open_() as fh:
+            blob = self.writer.add_blob(fh, digest.update)
+        got = digest.hexdigest()
+        if expected and got != expected:
+            return None, (f"{what}: the bytes read do not match their SHA-256 (stored copy damaged?); "
+                          "not written"), blob.length
+        return blob, got, blob.length
+
+    def put_instance(self, item: Item, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        rec = item.instance
+        stored = self.lookup(rec.sop_uid)
+        if stored is not None and (not rec.sha256 or stored == rec.sha256):
+            return Outcome.UNCHANGED, ""
+        if stored is not None:
+            return Outcome.CONFLICT, "the selection holds two different instances with this UID"
+        blob, sha_or_reason, size = self._write(item.open, rec.sha256, f"instance {rec.sop_uid}")
+        if blob is None:
+            return Outcome.FAILED, sha_or_reason
+        record = msgspec.structs.replace(rec, sha256=sha_or_reason, size=size)
+        self.instances[rec.sop_uid] = InstanceEntry(record, blob)  # type: ignore[arg-type]
+        self.patients.setdefault(item.patient.key, item.patient)
+        self.studies.setdefault(item.study.study_uid, item.study)
+        self.series.setdefault(item.series.series_uid, item.series)
+        return Outcome.STORED, ""
+
+    def put_attributes(self, attrs: Attributes, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        self.attributes[(attrs.level, attrs.uid)] = attrs
+        return Outcome.STORED, ""
+
+    def put_attachment(self, record: AttachmentRecord, open_: Opener,
+                       policy: ConflictPolicy) -> tuple[Outcome, str]:
+        if record.attachment_id in self.attachments:
+            return Outcome.UNCHANGED, ""
+        blob, sha_or_reason, _size = self._write(open_, record.sha256, f"attachment {record.attachment_id}")
+        if blob is None:
+            return Outcome.FAILED, sha_or_reason
+        self.attachments[record.attachment_id] = AttachmentEntry(record, blob)  # type: ignore[arg-type]
+        return Outcome.STORED, ""
+
+    def finish(self, ok: bool) -> None:
+        if not ok:
+            self.writer.abort()
+            return
+        manifest = Manifest(major=0, minor=0, writer="", created="",
+                            patients=list(self.patients.values()), studies=list(self.studies.values()),
+                            series=list(self.series.values()), instances=list(self.instances.values()),
+                            attributes=list(self.attributes.values()),
+                            attachments=list(self.attachments.values()))
+        try:
+            self.writer.finish(manifest)
+        except BaseException:
+            self.writer.abort()
+            raise
+
+
+def _open_source(url: str, ctx: Context) -> BkpSource:
+    return BkpSource(_path(url))
+
+
+def _open_target(url: str, ctx: Context) -> BkpTarget:
+    return BkpTarget(_path(url), overwrite=bool(getattr(ctx, "force", False)))
+
+
+@hookimpl
+def dicomvault_register_sources() -> list[Kind]:
+    return [Kind(name="bkp", description="a .bkp backup file (PATH.bkp or bkp:PATH)", matches=_is_bkp,
+                 open=_open_source)]
+
+
+@hookimpl
+def dicomvault_register_targets() -> list[Kind]:
+    return [Kind(name="bkp", description="a new .bkp backup file (PATH.bkp or bkp:PATH)",
+                 matches=_is_bkp, open=_open_target)]

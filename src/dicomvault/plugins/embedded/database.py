@@ -1,0 +1,496 @@
+"""The embedded database: an SQLite catalog plus a content store directory.
+
+Layout of a database directory::
+
+    catalog.sqlite   the catalog (WAL mode)
+    store/ab/cd/<sha256>   every file, byte for byte, named by content
+    tmp/             private staging area for files on their way in
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import msgspec
+
+from dicomvault.engine import (
+    AttachmentRecord,
+    Attributes,
+    ConflictPolicy,
+    DatabaseError,
+    InstanceRecord,
+    Item,
+    Level,
+    Opener,
+    Outcome,
+    PatientRecord,
+    Rejected,
+    Selection,
+    SeriesRecord,
+    StudyRecord,
+    TreeNode,
+    UsageError,
+)
+
+from . import catalog as cat
+from .store import ContentStore, Staged
+
+COMMIT_EVERY_ITEMS = 500
+COMMIT_EVERY_SECONDS = 2.0
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class EmbeddedDatabase:
+    """A :class:`~dicomvault.engine.Database` in a local directory."""
+
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.root = Path(root).expanduser()
+        self.url = str(self.root)
+        catalog_path = self.root / "catalog.sqlite"
+        if not catalog_path.exists():
+            if not create:
+                raise DatabaseError(f"no dicomvault database at {self.root}")
+            if self.root.exists() and any(self.root.iterdir()):
+                raise DatabaseError(f"{self.root} is not empty and holds no dicomvault database; "
+                                    "refusing to create one there")
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.umask(os.umask(0o077) | 0o077)  # files we create are private to the user
+        self.store = ContentStore(self.root)
+        self.conn = cat.connect(catalog_path)
+
+    # ---------------------------------------------------------------- reading
+    def hierarchy(self) -> Iterator[tuple[PatientRecord, StudyRecord, SeriesRecord]]:
+        for row in self.conn.execute(cat.HIERARCHY_SQL):
+            yield cat.patient_of(row[0:6]), cat.study_of(row[6:13]), cat.series_of(row[13:18])
+
+    def _selected_series(self, selection: Selection,
+                         conn: sqlite3.Connection | None = None) -> list[tuple]:  # type: ignore[type-arg]
+        out = []
+        for row in (conn or self.conn).execute(cat.HIERARCHY_SQL):
+            p, st, se = cat.patient_of(row[0:6]), cat.study_of(row[6:13]), cat.series_of(row[13:18])
+            if selection.matches(p, st, se):
+                out.append((p, st, se, row[18]))
+        return out
+
+    def instances(self, selection: Selection) -> Iterator[InstanceRecord]:
+        for _p, _st, _se, series_id in self._selected_series(selection):
+            for row in self.conn.execute(
+                    f"SELECT {cat.INSTANCE_COLS} FROM instances i JOIN series se ON i.series = se.id "
+                    "WHERE se.id = ? ORDER BY i.number, i.sop_uid", (series_id,)):
+                yield cat.instance_of(row)
+
+    def tree(self, selection: Selection, depth: Level) -> list[TreeNode]:
+        counts = {sid: (n, size) for sid, n, size in self.conn.execute(
+            "SELECT series, count(*), coalesce(sum(size), 0) FROM instances GROUP BY series")}
+        patients: dict[str, TreeNode] = {}
+        studies: dict[str, TreeNode] = {}
+        for p, st, se, sid in self._selected_series(selection):
+            n, size = counts.get(sid, (0, 0))
+            pn = patients.get(p.key)
+            if pn is None:
+                pn = patients[p.key] = TreeNode(level="patient", uid=p.key, label={
+                    "patient_id": p.patient_id, "name": p.name, "birth_date": p.birth_date, "sex": p.sex})
+            sn = studies.get(st.study_uid)
+            if sn is None:
+                sn = studies[st.study_uid] = TreeNode(level="study", uid=st.study_uid, label={
+                    "date": st.date, "description": st.description, "accession": st.accession,
+                    "study_id": st.study_id})
+                pn.children.append(sn)
+                pn.studies += 1
+            se_node = TreeNode(level="series", uid=se.series_uid, label={
+                "modality": se.modality, "number": se.number, "description": se.description},
+                instances=n, size=size)
+            if depth == "instance":
+                se_node.children = [
+                    TreeNode(level="instance", uid=r[0], label={"number": r[1], "sha256": r[3],
+                                                                 "transfer_syntax": r[4]}, size=r[2])
+                    for r in self.conn.execute(
+                        "SELECT sop_uid, number, size, sha256, transfer_syntax FROM instances "
+                        "WHERE series = ? ORDER BY number, sop_uid", (sid,))]
+            sn.children.append(se_node)
+            for node in (sn, pn):
+                node.instances += n
+                node.size += size
+            sn.series += 1
+            pn.series += 1
+        return list(patients.values())
+
+    # ---------------------------------------------------------------- selection list
+    def get_selected(self) -> list[Selection]:
+        return [msgspec.json.decode(r[0], type=Selection)
+                for r in self.conn.execute("SELECT selection FROM selected ORDER BY position")]
+
+    def set_selected(self, selections: list[Selection]) -> None:
+        with Transaction(self.conn):
+            self.conn.execute("DELETE FROM selected")
+            self.conn.executemany("INSERT INTO selected (selection) VALUES (?)",
+                                  [(msgspec.json.encode(s).decode(),) for s in selections])
+
+    # ---------------------------------------------------------------- bookkeeping
+    def _check_entity(self, level: Level, uid: str) -> None:
+        table, col = {"patient": ("patients", "key"), "study": ("studies", "study_uid"),
+                      "series": ("series", "series_uid"), "instance": ("instances", "sop_uid")}[level]
+        if self.conn.execute(f"SELECT 1 FROM {table} WHERE {col} = ?", (uid,)).fetchone() is None:
+            raise UsageError(f"no {level} {uid if level != 'patient' else '(given)'} in this database")
+
+    def resolve_patient(self, patient: str) -> str:
+        """The patient key for a PatientID or a key."""
+        row = self.conn.execute("SELECT key FROM patients WHERE key = ? OR patient_id = ? LIMIT 2",
+                                (patient, patient)).fetchall()
+        if len(row) != 1:
+            raise UsageError("the patient given matches " + ("no patient" if not row else
+                             "several patients: use the patient key shown by 'ls --json'"))
+        return str(row[0][0])
+
+    def add_attachment(self, level: Level, uid: str, path: str, name: str,
+                       media_type: str) -> AttachmentRecord:
+        self._check_entity(level, uid)
+        with open(path, "rb") as fh:
+            staged = self.store.stage(fh)
+        rec = AttachmentRecord(attachment_id=str(uuid.uuid4()), level=level, uid=uid, name=name,
+                               media_type=media_type, size=staged.size, sha256=staged.sha256,
+                               created_at=now_iso())
+        final, _ = self.store.publish(staged)
+        ContentStore.sync_dirs({final.parent})
+        with Transaction(self.conn):
+            self.conn.execute(f"INSERT INTO attachments ({cat.ATTACHMENT_COLS}) VALUES (?,?,?,?,?,?,?,?)",
+                              _attachment_row(rec))
+        return rec
+
+    def update_attributes(self, level: Level, uid: str, *, comment: str | None = None,
+                          add_tags: tuple[str, ...] = (), fields: dict[str, str] | None = None,
+                          ) -> Attributes:
+        self._check_entity(level, uid)
+        with Transaction(self.conn):
+            attrs = self._attributes(level, uid) or Attributes(level=level, uid=uid)
+            if comment is not None:
+                attrs.comment = comment
+            attrs.tags = sorted(set(attrs.tags) | set(add_tags))
+            attrs.fields.update(fields or {})
+            _write_attributes(self.conn, attrs)
+        return attrs
+
+    def _attributes(self, level: str, uid: str) -> Attributes | None:
+        row = self.conn.execute("SELECT level, uid, comment, tags, fields FROM attributes "
+                                "WHERE level = ? AND uid = ?", (level, uid)).fetchone()
+        return cat.attributes_of(row) if row else None
+
+    def source(self) -> EmbeddedSource:
+        return EmbeddedSource(self)
+
+    def target(self) -> EmbeddedTarget:
+        return EmbeddedTarget(self)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on error."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _attachment_row(rec: AttachmentRecord) -> tuple:  # type: ignore[type-arg]
+    return (rec.attachment_id, rec.level, rec.uid, rec.name, rec.media_type, rec.size, rec.sha256,
+            rec.created_at)
+
+
+def _write_attributes(conn: sqlite3.Connection, attrs: Attributes) -> None:
+    conn.execute("INSERT OR REPLACE INTO attributes (level, uid, comment, tags, fields) "
+                 "VALUES (?,?,?,?,?)", (attrs.level, attrs.uid, attrs.comment,
+                                        msgspec.json.encode(attrs.tags).decode(),
+                                        msgspec.json.encode(attrs.fields).decode()))
+
+
+class EmbeddedSource:
+    """Reads a selection from a consistent snapshot of the database."""
+
+    def __init__(self, db: EmbeddedDatabase) -> None:
+        self.db = db
+        self.description = f"database {db.root}"
+        # A connection of its own, in one read transaction: a snapshot that
+        # concurrent ingests cannot change under us.
+        self.conn = sqlite3.connect(db.root / "catalog.sqlite", timeout=60, isolation_level=None,
+                                    check_same_thread=False)
+        self.conn.execute("BEGIN")
+        self._picked: list[tuple] | None = None  # type: ignore[type-arg]
+
+    def _series(self, selection: Selection) -> list[tuple]:  # type: ignore[type-arg]
+        if self._picked is None:
+            self._picked = self.db._selected_series(selection, self.conn)
+        return self._picked
+
+    def _opener(self, sha256: str) -> Opener:
+        return lambda: self.db.store.open(sha256)
+
+    def instances(self, selection: Selection) -> Iterator[Item | Rejected]:
+        for p, st, se, series_id in self._series(selection):
+            rows = self.conn.execute(f"SELECT {cat.INSTANCE_COLS} FROM instances i JOIN series se "
+                                     "ON i.series = se.id WHERE se.id = ? ORDER BY i.number, i.sop_uid",
+                                     (series_id,)).fetchall()
+            for row in rows:
+                rec = cat.instance_of(row)
+                yield Item(rec, se, st, p, self._opener(rec.sha256))
+
+    def _owners(self, selection: Selection) -> dict[str, set[str]]:
+        owners: dict[str, set[str]] = {"patient": set(), "study": set(), "series": set()}
+        for p, st, se, _sid in self._series(selection):
+            owners["patient"].add(p.key)
+            owners["study"].add(st.study_uid)
+            owners["series"].add(se.series_uid)
+        return owners
+
+    def attributes(self, selection: Selection) -> Iterator[Attributes]:
+        owners = self._owners(selection)
+        for row in self.conn.execute("SELECT level, uid, comment, tags, fields FROM attributes "
+                                     "WHERE level != 'instance' ORDER BY level, uid"):
+            if row[1] in owners.get(row[0], ()):
+                yield cat.attributes_of(row)
+        series_ids = [sid for *_x, sid in self._series(selection)]
+        for sid in series_ids:
+            for row in self.conn.execute(
+                    "SELECT a.level, a.uid, a.comment, a.tags, a.fields FROM attributes a JOIN instances i "
+                    "ON a.level = 'instance' AND a.uid = i.sop_uid WHERE i.series = ?", (sid,)):
+                yield cat.attributes_of(row)
+
+    def attachments(self, selection: Selection) -> Iterator[tuple[AttachmentRecord, Opener]]:
+        owners = self._owners(selection)
+        for row in self.conn.execute(f"SELECT {cat.ATTACHMENT_COLS} FROM attachments "
+                                     "ORDER BY level, uid, created_at, attachment_id"):
+            if row[2] in owners.get(row[1], ()):
+                rec = cat.attachment_of(row)
+                yield rec, self._opener(rec.sha256)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class EmbeddedTarget:
+    """Stores items, committing in batches; nothing is damaged by a failure.
+
+    A new file is staged (hashed, fsynced) and verified before it is renamed
+    into the store; catalog rows follow in the same batch. An overwritten
+    file is removed only after the catalog no longer refers to it.
+    """
+
+    def __init__(self, db: EmbeddedDatabase) -> None:
+        self.db = db
+        self.conn = db.conn
+        self.description = f"database {db.root}"
+        self._in_tx = False
+        self._pending = 0
+        self._since = time.monotonic()
+        self._new_files: list[str] = []  # added to the store in the open batch
+        self._drop_after_commit: list[str] = []  # replaced by an overwrite
+        self._dirs: set[Path] = set()
+        self._ids: dict[tuple[str, str], int] = {}
+
+    # ------------------------------------------------------------ batching
+    def _begin(self) -> None:
+        if not self._in_tx:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self._in_tx = True
+            self._since = time.monotonic()
+
+    def _maybe_commit(self) -> None:
+        self._pending += 1
+        if self._pending >= COMMIT_EVERY_ITEMS or time.monotonic() - self._since > COMMIT_EVERY_SECONDS:
+            self._commit()
+
+    def _commit(self) -> None:
+        if not self._in_tx:
+            return
+        ContentStore.sync_dirs(self._dirs)
+        self.conn.execute("COMMIT")
+        self._in_tx = False
+        self._pending = 0
+        self._dirs.clear()
+        self._new_files.clear()
+        for sha in self._drop_after_commit:
+            if not self._referenced(sha):
+                self.db.store.remove(sha)
+        self._drop_after_commit.clear()
+
+    def _rollback(self) -> None:
+        if self._in_tx:
+            self.conn.execute("ROLLBACK")
+            self._in_tx = False
+        for sha in self._new_files:
+            if not self._referenced(sha):
+                self.db.store.remove(sha)
+        self._new_files.clear()
+        self._drop_after_commit.clear()
+        self._ids.clear()
+
+    def _referenced(self, sha: str) -> bool:
+        return (self.conn.execute("SELECT 1 FROM instances WHERE sha256 = ? LIMIT 1", (sha,)).fetchone()
+                or self.conn.execute("SELECT 1 FROM attachments WHERE sha256 = ? LIMIT 1",
+                                     (sha,)).fetchone()) is not None
+
+    def finish(self, ok: bool) -> None:
+        if ok:
+            self._commit()
+        else:
+            self._rollback()
+
+    # ------------------------------------------------------------ hierarchy
+    def _id(self, table: str, col: str, value: str) -> int | None:
+        key = (table, value)
+        if key in self._ids:
+            return self._ids[key]
+        row = self.conn.execute(f"SELECT id FROM {table} WHERE {col} = ?", (value,)).fetchone()
+        if row:
+            self._ids[key] = row[0]
+            return int(row[0])
+        return None
+
+    def _series_id(self, item: Item) -> tuple[int, str]:
+        """Find or create patient, study and series rows; returns the series
+        id and a warning when the hierarchy disagrees with what is stored."""
+        warning = ""
+        sid = self._id("series", "series_uid", item.series.series_uid)
+        if sid is not None:
+            return sid, warning
+        st_id = self._id("studies", "study_uid", item.study.study_uid)
+        if st_id is None:
+            p = item.patient
+            p_id = self._id("patients", "key", p.key)
+            if p_id is None:
+                p_id = self.conn.execute(
+                    "INSERT INTO patients (key, patient_id, issuer, name, birth_date, sex) "
+                    "VALUES (?,?,?,?,?,?)", (p.key, p.patient_id, p.issuer, p.name, p.birth_date,
+                                             p.sex)).lastrowid
+                self._ids[("patients", p.key)] = p_id  # type: ignore[assignment]
+            st = item.study
+            st_id = self.conn.execute(
+                "INSERT INTO studies (study_uid, patient, date, time, study_id, accession, description) "
+                "VALUES (?,?,?,?,?,?,?)", (st.study_uid, p_id, st.date, st.time, st.study_id,
+                                           st.accession, st.description)).lastrowid
+            self._ids[("studies", st.study_uid)] = st_id  # type: ignore[assignment]
+        else:
+            owner = self.conn.execute("SELECT p.key FROM studies st JOIN patients p ON st.patient = p.id "
+                                      "WHERE st.id = ?", (st_id,)).fetchone()[0]
+            if owner != item.patient.key:
+                warning = (f"study {item.study.study_uid} is stored under another patient; "
+                           "the series was filed under the stored study")
+        se = item.series
+        sid = self.conn.execute(
+            "INSERT INTO series (series_uid, study, modality, number, description) VALUES (?,?,?,?,?)",
+            (se.series_uid, st_id, se.modality, se.number, se.description)).lastrowid
+        self._ids[("series", se.series_uid)] = sid  # type: ignore[assignment]
+        return sid, warning  # type: ignore[return-value]
+
+    # ------------------------------------------------------------ items
+    def lookup(self, sop_uid: str) -> str | None:
+        row = self.conn.execute("SELECT sha256 FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
+        return row[0] if row else None
+
+    def _stage_verified(self, open_: Opener, expected: str, what: str) -> Staged:
+        with open_() as fh:
+            staged = self.db.store.stage(fh)
+        if expected and staged.sha256 != expected:
+            staged.discard()
+            raise DatabaseError(f"{what}: the bytes received do not match their SHA-256 "
+                                f"(expected {expected[:16]}..., got {staged.sha256[:16]}...); not stored")
+        return staged
+
+    def _publish(self, staged: Staged) -> None:
+        final, added = self.db.store.publish(staged)
+        self._dirs.add(final.parent)
+        if added:
+            self._new_files.append(staged.sha256)
+
+    def put_instance(self, item: Item, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        rec = item.instance
+        stored = self.lookup(rec.sop_uid)
+        if stored is not None and rec.sha256 and stored == rec.sha256:
+            return Outcome.UNCHANGED, ""
+        if stored is not None and rec.sha256 and policy is not ConflictPolicy.OVERWRITE:
+            return Outcome.CONFLICT, ""
+        staged = self._stage_verified(item.open, rec.sha256, f"instance {rec.sop_uid}")
+        if stored is not None:
+            if stored == staged.sha256:
+                staged.discard()
+                return Outcome.UNCHANGED, ""
+            if policy is not ConflictPolicy.OVERWRITE:
+                staged.discard()
+                return Outcome.CONFLICT, ""
+        try:
+            self._begin()
+            self._publish(staged)
+            series_id, warning = self._series_id(item)
+            values = (series_id, rec.sop_class_uid, rec.transfer_syntax, rec.number, staged.size,
+                      staged.sha256, rec.imported_at or now_iso(), rec.origin)
+            if stored is None:
+                self.conn.execute("INSERT INTO instances (series, sop_class_uid, transfer_syntax, number, "
+                                  "size, sha256, imported_at, origin, sop_uid) VALUES (?,?,?,?,?,?,?,?,?)",
+                                  (*values, rec.sop_uid))
+                outcome = Outcome.STORED
+            else:
+                self.conn.execute("UPDATE instances SET series=?, sop_class_uid=?, transfer_syntax=?, "
+                                  "number=?, size=?, sha256=?, imported_at=?, origin=? WHERE sop_uid=?",
+                                  (*values, rec.sop_uid))
+                self._drop_after_commit.append(stored)
+                outcome = Outcome.OVERWRITTEN
+        except sqlite3.DatabaseError as exc:
+            self._rollback()
+            raise DatabaseError(f"instance {rec.sop_uid}: catalog error: {exc}") from exc
+        self._maybe_commit()
+        return outcome, warning
+
+    def put_attributes(self, attrs: Attributes, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        if attrs.level == "patient":
+            exists = self._id("patients", "key", attrs.uid) is not None
+        else:
+            table, col = {"study": ("studies", "study_uid"), "series": ("series", "series_uid"),
+                          "instance": ("instances", "sop_uid")}[attrs.level]
+            exists = self._id(table, col, attrs.uid) is not None
+        if not exists:
+            return Outcome.FAILED, f"no {attrs.level} to attach the attributes to"
+        self._begin()
+        current = self.db._attributes(attrs.level, attrs.uid)
+        if current is not None and not current.is_empty():
+            if current == attrs:
+                return Outcome.UNCHANGED, ""
+            if policy is not ConflictPolicy.OVERWRITE:
+                return Outcome.CONFLICT, "other attributes are stored for this entity; left untouched"
+        _write_attributes(self.conn, attrs)
+        self._maybe_commit()
+        return (Outcome.OVERWRITTEN if current is not None and not current.is_empty()
+                else Outcome.STORED), ""
+
+    def put_attachment(self, record: AttachmentRecord, open_: Opener,
+                       policy: ConflictPolicy) -> tuple[Outcome, str]:
+        self._begin()
+        row = self.conn.execute(f"SELECT {cat.ATTACHMENT_COLS} FROM attachments WHERE attachment_id = ?",
+                                (record.attachment_id,)).fetchone()
+        current = cat.attachment_of(row) if row else None
+        if current == record:
+            return Outcome.UNCHANGED, ""
+        if current is not None and policy is not ConflictPolicy.OVERWRITE:
+            return Outcome.CONFLICT, "another attachment is stored under this id; left untouched"
+        staged = self._stage_verified(open_, record.sha256, f"attachment {record.attachment_id}")
+        self._publish(staged)
+        self.conn.execute(f"INSERT OR REPLACE INTO attachments ({cat.ATTACHMENT_COLS}) "
+                          "VALUES (?,?,?,?,?,?,?,?)", _attachment_row(record))
+        if current is not None and current.sha256 != record.sha256:
+            self._drop_after_commit.append(current.sha256)
+        self._maybe_commit()
+        return (Outcome.OVERWRITTEN if current else Outcome.STORED), ""

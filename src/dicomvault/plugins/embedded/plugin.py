@@ -1,0 +1,47 @@
+"""Registers the embedded database as a database, a source and a target.
+
+Addresses: a plain path, or ``sqlite:PATH``.
+"""
+from __future__ import annotations
+
+from dicomvault.engine import Context, Kind, hookimpl
+
+from .database import EmbeddedDatabase
+
+
+def _path(url: str) -> str:
+    return url[len("sqlite:"):] if url.startswith("sqlite:") else url
+
+
+def _is_embedded(url: str) -> bool:
+    return url.startswith("sqlite:") or ("://" not in url and not url.lower().endswith(".bkp"))
+
+
+def _open_db(url: str, ctx: Context) -> EmbeddedDatabase:
+    return EmbeddedDatabase(_path(url))
+
+
+def _open_source(url: str, ctx: Context) -> object:
+    return EmbeddedDatabase(_path(url), create=False).source()
+
+
+def _open_target(url: str, ctx: Context) -> object:
+    return EmbeddedDatabase(_path(url)).target()
+
+
+@hookimpl
+def dicomvault_register_databases() -> list[Kind]:
+    return [Kind(name="embedded", description="SQLite catalog + content store in a directory (PATH "
+                 "or sqlite:PATH)", matches=_is_embedded, open=_open_db)]
+
+
+@hookimpl
+def dicomvault_register_sources() -> list[Kind]:
+    return [Kind(name="embedded", description="an embedded database (PATH or sqlite:PATH)",
+                 matches=_is_embedded, open=_open_source)]
+
+
+@hookimpl
+def dicomvault_register_targets() -> list[Kind]:
+    return [Kind(name="embedded", description="an embedded database, created if missing (PATH or "
+                 "sqlite:PATH)", matches=_is_embedded, open=_open_target)]

@@ -1,0 +1,92 @@
+"""``compare``: check that another database or a .bkp holds exactly what the
+database holds for a selection: every instance's bytes (re-hashed with
+SHA-256), its place in the hierarchy, its attributes and attachments."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+
+from dicomvault.engine import Context, Item, Operation, Report, Selection, Source, hookimpl
+from dicomvault.engine.options import add_selection_options, selection_from
+from dicomvault.engine.types import Outcome
+
+CHUNK = 1 << 20
+
+
+def _sha(open_: object) -> str:
+    digest = hashlib.sha256()
+    with open_() as fh:  # type: ignore[operator]
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _catalogue(source: Source, selection: Selection) -> tuple[dict, dict, dict]:  # type: ignore[type-arg]
+    items = {it.instance.sop_uid: it for it in source.instances(selection) if isinstance(it, Item)}
+    attrs = {(a.level, a.uid): a for a in source.attributes(selection)}
+    atts = {rec.attachment_id: (rec, op) for rec, op in source.attachments(selection)}
+    return items, attrs, atts
+
+
+def compare(expected: Source, actual: Source, selection: Selection, *, rehash: bool = True) -> Report:
+    """Report one ``instance``/``attributes``/``attachment`` outcome per
+    entity of ``expected``: unchanged when ``actual`` holds the same, failed
+    with the difference otherwise."""
+    report = Report(operation="compare")
+    exp_items, exp_attrs, exp_atts = _catalogue(expected, selection)
+    act_items, act_attrs, act_atts = _catalogue(actual, selection)
+    for uid, it in exp_items.items():
+        other = act_items.get(uid)
+        if other is None:
+            report.add("instance", Outcome.FAILED, uid, "missing")
+            continue
+        diffs = [name for name, a, b in (
+            ("record", it.instance, other.instance), ("series", it.series, other.series),
+            ("study", it.study, other.study), ("patient", it.patient, other.patient)) if a != b]
+        if not diffs and rehash:
+            if _sha(other.open) != it.instance.sha256:
+                diffs.append("bytes (SHA-256)")
+        if diffs:
+            report.add("instance", Outcome.FAILED, uid, "differs: " + ", ".join(diffs))
+        else:
+            report.add("instance", Outcome.UNCHANGED, uid, size=it.instance.size)
+    for uid in act_items.keys() - exp_items.keys():
+        report.add("instance", Outcome.FAILED, uid, "unexpected extra instance")
+    for key, attrs in exp_attrs.items():
+        same = act_attrs.get(key) == attrs
+        report.add("attributes", Outcome.UNCHANGED if same else Outcome.FAILED, f"{key[0]} {key[1]}",
+                   "" if same else "missing or different")
+    for key in act_attrs.keys() - exp_attrs.keys():
+        report.add("attributes", Outcome.FAILED, f"{key[0]} {key[1]}", "unexpected extra attributes")
+    for aid, (rec, _op) in exp_atts.items():
+        other_att = act_atts.get(aid)
+        ok = other_att is not None and other_att[0] == rec and (not rehash or _sha(other_att[1]) == rec.sha256)
+        report.add("attachment", Outcome.UNCHANGED if ok else Outcome.FAILED, aid,
+                   "" if ok else "missing or different")
+    for aid in act_atts.keys() - exp_atts.keys():
+        report.add("attachment", Outcome.FAILED, aid, "unexpected extra attachment")
+    return report
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("other", metavar="URL", help="another database or a .bkp file")
+    add_selection_options(p)
+
+
+def run(ctx: Context, args: argparse.Namespace) -> Report:
+    db = ctx.open_database()
+    selection = selection_from(args, db, required=False)
+    mine, other = db.source(), ctx.open_source(args.other)
+    try:
+        report = compare(mine, other, selection)
+    finally:
+        mine.close()
+        other.close()
+    report.details["identical instances"] = report.count(Outcome.UNCHANGED, "instance")
+    return report
+
+
+@hookimpl
+def dicomvault_register_operations() -> list[Operation]:
+    return [Operation(name="compare", help="check that another database or a .bkp holds exactly the same "
+                      "instances, attributes and attachments", configure=configure, run=run)]

@@ -1,0 +1,87 @@
+"""Moving selections between sources and targets: ``export-db`` (database to
+.bkp), ``import-db`` (.bkp to database) and the general ``transfer``."""
+from __future__ import annotations
+
+import argparse
+
+from dicomvault.engine import Context, Operation, Report, UsageError, hookimpl, transfer
+from dicomvault.engine.options import add_policy_option, add_selection_options, policy_from, selection_from
+
+
+def _export_configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output", metavar="OUT.bkp", help="the backup file to write")
+    add_selection_options(p)
+    p.add_argument("--force", action="store_true", help="replace OUT.bkp if it exists")
+
+
+def _export_run(ctx: Context, args: argparse.Namespace) -> Report:
+    if not args.output.lower().endswith(".bkp"):
+        raise UsageError("the output file name must end in .bkp")
+    db = ctx.open_database()
+    selection = selection_from(args, db)
+    target = ctx.open_target("bkp:" + args.output)
+    source = db.source()
+    try:
+        report = transfer(ctx, source, target, selection, operation="export-db")
+    finally:
+        source.close()
+    report.details["file"] = args.output
+    return report
+
+
+def _import_configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="IN.bkp", help="the backup file to restore from")
+    add_selection_options(p, selected=False)
+    add_policy_option(p)
+    p.add_argument("--dry-run", action="store_true", help="report what would happen; change nothing")
+
+
+def _import_run(ctx: Context, args: argparse.Namespace) -> Report:
+    selection = selection_from(args, required=False)
+    source = ctx.open_source("bkp:" + args.input)
+    try:
+        db = ctx.open_database()
+        report = transfer(ctx, source, db.target(), selection, policy=policy_from(args),
+                          dry_run=args.dry_run, operation="import-db" + (" (dry run)" if args.dry_run else ""))
+    finally:
+        source.close()
+    report.details["database"] = db.url
+    return report
+
+
+def _transfer_configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="source", metavar="URL",
+                   help="where to read from (default: the database, --db)")
+    p.add_argument("--to", dest="target", metavar="URL", required=True, help="where to write to")
+    add_selection_options(p)
+    add_policy_option(p)
+    p.add_argument("--dry-run", action="store_true", help="report what would happen; change nothing")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+
+
+def _transfer_run(ctx: Context, args: argparse.Namespace) -> Report:
+    db = ctx.open_database() if args.source is None or args.selected else None
+    selection = selection_from(args, db)
+    source = db.source() if args.source is None and db is not None else ctx.open_source(args.source)
+    try:
+        target = ctx.open_target(args.target)
+        report = transfer(ctx, source, target, selection, policy=policy_from(args), dry_run=args.dry_run,
+                          operation="transfer")
+    finally:
+        source.close()
+    report.details["from"] = source.description
+    report.details["to"] = target.description
+    return report
+
+
+@hookimpl
+def dicomvault_register_operations() -> list[Operation]:
+    return [
+        Operation(name="export-db", help="write a selection of the database, with its attributes and "
+                  "attachments, into one .bkp file", configure=_export_configure, run=_export_run),
+        Operation(name="import-db", help="restore all or part of a .bkp file into the database",
+                  configure=_import_configure, run=_import_run),
+        Operation(name="transfer", help="copy a selection from any source to any target "
+                  "(see 'dicomvault plugins' for the kinds)", configure=_transfer_configure,
+                  run=_transfer_run),
+    ]
