@@ -6,14 +6,16 @@ never by reading it.
 """
 from __future__ import annotations
 
+import io
 import os
 import struct
 import warnings
+import zlib
 from typing import BinaryIO
 
 import msgspec
 import pydicom
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -71,6 +73,21 @@ def looks_like_raw_dataset(head: bytes) -> bool:
         if endian == "<" and length < 1 << 16:  # implicit VR little endian
             return True
     return False
+
+
+class _CutReader(io.BufferedReader):
+    """A file that notes a read coming back shorter than asked but not empty
+    (an element cut by the end of the file), which pydicom silently accepts.
+    Reads of a raw data set's missing preamble (offsets 0 and 128) do not count."""
+
+    cut = False
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        pos = self.tell()
+        data = super().read(size)
+        if size is not None and 0 < len(data) < size and pos not in (0, 128):
+            self.cut = True
+        return data
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str:
@@ -141,7 +158,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     if size == 0:
         raise NotInstance("empty file")
     try:
-        with open(path, "rb") as fh:
+        with _CutReader(io.FileIO(path, "rb")) as fh:
             head = fh.read(140)
             part10 = len(head) >= 132 and head[128:132] == b"DICM"
             if not part10 and not looks_like_raw_dataset(head):
@@ -152,10 +169,12 @@ def read_header(path: str | os.PathLike[str]) -> Header:
                 try:
                     ds = pydicom.dcmread(fh, force=not part10, stop_before_pixels=True,
                                          specific_tags=HEADER_TAGS)
-                except (InvalidDicomError, EOFError, ValueError, struct.error,
-                        NotImplementedError, KeyError, OverflowError, TypeError) as exc:
+                except (InvalidDicomError, BytesLengthException, EOFError, ValueError, struct.error,
+                        NotImplementedError, KeyError, OverflowError, TypeError, zlib.error) as exc:
                     raise NotInstance(f"not readable as DICOM ({type(exc).__name__}: "
                                       f"{str(exc)[:120]})") from exc
+                if fh.cut or fh.tell() > size:
+                    raise NotInstance("truncated: the header ends inside a data element")
                 meta = getattr(ds, "file_meta", None) or pydicom.Dataset()
                 sop_class = _text(ds, "SOPClassUID") or _text(meta, "MediaStorageSOPClassUID")
                 if sop_class == MEDIA_DIRECTORY_CLASS or "DirectoryRecordSequence" in ds:

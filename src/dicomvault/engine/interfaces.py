@@ -41,7 +41,8 @@ class Source(Protocol):
     ``instances`` yields :class:`Item` objects (or :class:`Rejected` for input
     the source cannot offer) for the selection, in an order that reads
     efficiently. Opening an item's bytes must stream: never read a whole file
-    into memory. ``attributes`` and ``attachments`` yield what belongs to the
+    into memory, and openers may be called from several threads at once (the
+    run loop copies items in parallel), so they must be thread-safe. ``attributes`` and ``attachments`` yield what belongs to the
     selected series and to the studies and patients that contain them.
     """
 
@@ -67,6 +68,13 @@ class Target(Protocol):
     holds when something fails. ``finish(ok=True)`` makes everything durable
     (for a file target: fsync and rename); ``finish(ok=False)`` discards what
     is not committed yet.
+
+    Optional, for speed: a target may also define ``prepare(item, policy)``
+    (thread-safe: copy and hash the bytes somewhere private, verify them,
+    return a token or None), ``put_prepared(item, token, policy)`` (called
+    in order, in the run loop's thread: decide and commit, same result as
+    ``put_instance``) and ``discard(token)``. The run loop then prepares a
+    bounded window of items ahead in worker threads.
     """
 
     description: str

@@ -13,6 +13,8 @@ _DATE = re.compile(r"^(\d{4})-?(\d{2})-?(\d{2})$")
 
 
 def _date(value: str) -> str:
+    if value == "":
+        return ""  # the default: argparse passes string defaults through ``type`` too
     m = _DATE.match(value.strip())
     if not m:
         raise argparse.ArgumentTypeError(f"'{value}' is not a date (YYYYMMDD or YYYY-MM-DD)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import io
 import os
+import threading
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,6 +41,7 @@ from .layout import (
 from .manifest import KNOWN_FEATURES, Blob, Manifest, decoder
 
 MAX_MANIFEST = 1 << 32  # refuse to allocate more than this from a length field
+CACHED_FRAMES = 8
 
 
 class BkpReader:
@@ -49,8 +51,8 @@ class BkpReader:
             self.fh: BinaryIO = open(self.path, "rb")
         except OSError as exc:
             raise TruncatedError(f"cannot open {self.path}: {exc.strerror}") from exc
-        self._cache: tuple[int, bytes] | None = None
-        self._dctx = zstandard.ZstdDecompressor()
+        self._frames: dict[int, _Slot] = {}  # small cache, oldest first
+        self._lock = threading.Lock()  # blobs are read from several threads at once
         self.bytes_read = 0
         try:
             self._open()
@@ -113,7 +115,8 @@ class BkpReader:
             data = payload
         else:
             try:
-                data = self._dctx.decompress(payload, max_output_size=raw) if raw else b""
+                # a decompressor per call: they are not thread-safe, and cheap to make
+                data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw) if raw else b""
             except zstandard.ZstdError as exc:
                 raise ChecksumError(f"{what} cannot be decompressed: {exc}") from exc
         if len(data) != raw:
@@ -121,24 +124,49 @@ class BkpReader:
         return data
 
     def read_frame(self, index: int) -> bytes:
-        """The content of data frame ``index``, verified."""
-        if self._cache is not None and self._cache[0] == index:
-            return self._cache[1]
+        """The content of data frame ``index``, verified.
+
+        Thread-safe. A few recent frames stay cached; when several threads
+        want the same frame, one decodes it and the others wait for it, so
+        different frames decompress in parallel (zstd releases the GIL).
+        """
+        with self._lock:
+            slot = self._frames.get(index)
+            owner = slot is None
+            if slot is None:
+                slot = self._frames[index] = _Slot()
+                while len(self._frames) > CACHED_FRAMES:
+                    self._frames.pop(next(iter(self._frames)))
+        if not owner:
+            slot.ready.wait()
+            if slot.error is not None:
+                raise slot.error
+            return slot.data
+        try:
+            slot.data = self._load_frame(index)
+        except BaseException as exc:
+            slot.error = exc
+            with self._lock:
+                self._frames.pop(index, None)
+            raise
+        finally:
+            slot.ready.set()
+        return slot.data
+
+    def _load_frame(self, index: int) -> bytes:
         fe = self.manifest.frames[index]
-        self.fh.seek(fe.offset)
-        head = self.fh.read(FRAME.size)
+        fd = self.fh.fileno()
+        head = os.pread(fd, FRAME.size, fe.offset)
         ftype, codec, seq, stored, raw, check = unpack_frame_header(head, fe.offset)
         if ftype != FRAME_DATA or seq != index or stored != fe.stored or raw != fe.raw or codec != fe.codec:
             raise CorruptError(f"frame {index} at offset {fe.offset} does not match the index")
-        payload = self.fh.read(stored)
+        payload = os.pread(fd, stored, fe.offset + FRAME.size)
         self.bytes_read += FRAME.size + len(payload)
         if len(payload) != stored:
             raise TruncatedError(f"truncated .bkp file: frame {index} is incomplete")
         if xxh3(payload) != check:
             raise ChecksumError(f"frame {index} at offset {fe.offset} is damaged (checksum mismatch)")
-        data = self._decode(payload, codec, raw, f"frame {index}")
-        self._cache = (index, data)
-        return data
+        return self._decode(payload, codec, raw, f"frame {index}")
 
     def open_blob(self, blob: Blob) -> BinaryIO:
         return io.BufferedReader(_BlobStream(self, blob), buffer_size=1 << 20)  # type: ignore[arg-type]
@@ -148,7 +176,16 @@ class BkpReader:
 
     def close(self) -> None:
         self.fh.close()
-        self._cache = None
+        self._frames.clear()
+
+
+class _Slot:
+    """A cached frame, possibly still being decoded by another thread."""
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.data = b""
+        self.error: BaseException | None = None
 
 
 class _BlobStream(io.RawIOBase):

@@ -3,13 +3,14 @@
 Layout of a database directory::
 
     catalog.sqlite   the catalog (WAL mode)
-    store/ab/cd/<sha256>   every file, byte for byte, named by content
+    store/ab/<sha256>  every file, byte for byte, named by content
     tmp/             private staging area for files on their way in
 """
 from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -159,7 +160,7 @@ class EmbeddedDatabase:
                                media_type=media_type, size=staged.size, sha256=staged.sha256,
                                created_at=now_iso())
         final, _ = self.store.publish(staged)
-        ContentStore.sync_dirs({final.parent})
+        self.store.make_durable([final], {final.parent})
         with Transaction(self.conn):
             self.conn.execute(f"INSERT INTO attachments ({cat.ATTACHMENT_COLS}) VALUES (?,?,?,?,?,?,?,?)",
                               _attachment_row(rec))
@@ -301,6 +302,8 @@ class EmbeddedTarget:
         self._drop_after_commit: list[str] = []  # replaced by an overwrite
         self._dirs: set[Path] = set()
         self._ids: dict[tuple[str, str], int] = {}
+        self._local = threading.local()  # read connections for prepare() in worker threads
+        self._readers: list[sqlite3.Connection] = []
 
     # ------------------------------------------------------------ batching
     def _begin(self) -> None:
@@ -317,7 +320,7 @@ class EmbeddedTarget:
     def _commit(self) -> None:
         if not self._in_tx:
             return
-        ContentStore.sync_dirs(self._dirs)
+        self.db.store.make_durable([self.db.store.path_of(h) for h in self._new_files], self._dirs)
         self.conn.execute("COMMIT")
         self._in_tx = False
         self._pending = 0
@@ -345,10 +348,15 @@ class EmbeddedTarget:
                                      (sha,)).fetchone()) is not None
 
     def finish(self, ok: bool) -> None:
-        if ok:
-            self._commit()
-        else:
-            self._rollback()
+        try:
+            if ok:
+                self._commit()
+            else:
+                self._rollback()
+        finally:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
 
     # ------------------------------------------------------------ hierarchy
     def _id(self, table: str, col: str, value: str) -> int | None:
@@ -417,14 +425,46 @@ class EmbeddedTarget:
         if added:
             self._new_files.append(staged.sha256)
 
-    def put_instance(self, item: Item, policy: ConflictPolicy) -> tuple[Outcome, str]:
+    def prepare(self, item: Item, policy: ConflictPolicy) -> Staged | None:
+        """The heavy, order-free part of storing an item: copy its bytes into
+        the staging area, hashing and verifying them. Thread-safe; the run
+        loop calls it from worker threads ahead of :meth:`put_prepared`.
+        Returns None when the item need not be copied (already stored
+        identically, or a conflict that the policy leaves alone)."""
         rec = item.instance
-        stored = self.lookup(rec.sop_uid)
-        if stored is not None and rec.sha256 and stored == rec.sha256:
-            return Outcome.UNCHANGED, ""
-        if stored is not None and rec.sha256 and policy is not ConflictPolicy.OVERWRITE:
-            return Outcome.CONFLICT, ""
-        staged = self._stage_verified(item.open, rec.sha256, f"instance {rec.sop_uid}")
+        if rec.sha256:
+            stored = self._lookup_threadsafe(rec.sop_uid)
+            if stored is not None and (stored == rec.sha256 or policy is not ConflictPolicy.OVERWRITE):
+                return None
+        return self._stage_verified(item.open, rec.sha256, f"instance {rec.sop_uid}")
+
+    def discard(self, prepared: Staged | None) -> None:
+        if prepared is not None:
+            prepared.discard()
+
+    def _lookup_threadsafe(self, sop_uid: str) -> str | None:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = sqlite3.connect(self.db.root / "catalog.sqlite", timeout=60,
+                                                      check_same_thread=False)
+            self._readers.append(conn)
+        row = conn.execute("SELECT sha256 FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
+        return row[0] if row else None
+
+    def put_instance(self, item: Item, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        return self.put_prepared(item, self.prepare(item, policy), policy)
+
+    def put_prepared(self, item: Item, staged: Staged | None, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        """Decide and commit, in the calling (run loop) thread."""
+        rec = item.instance
+        stored = self.lookup(rec.sop_uid)  # authoritative: sees this batch's rows too
+        if staged is None:
+            if stored is not None and stored == rec.sha256:
+                return Outcome.UNCHANGED, ""
+            if stored is not None and policy is not ConflictPolicy.OVERWRITE:
+                return Outcome.CONFLICT, ""
+            staged = self.prepare(item, ConflictPolicy.OVERWRITE)
+            assert staged is not None
         if stored is not None:
             if stored == staged.sha256:
                 staged.discard()
