@@ -36,6 +36,7 @@ def dicomvault_register_sources() -> list[Kind]:
     match, the one registered last (third-party plugins load after the
     built-ins) wins, so a plugin can take over an address form.
     """
+    raise NotImplementedError
 
 
 @hookspec
@@ -45,6 +46,7 @@ def dicomvault_register_targets() -> list[Kind]:
     Like :func:`dicomvault_register_sources` for ``--to`` addresses;
     ``open(url, context)`` returns a :class:`~dicomvault.engine.interfaces.Target`.
     """
+    raise NotImplementedError
 
 
 @hookspec
@@ -54,6 +56,7 @@ def dicomvault_register_databases() -> list[Kind]:
     ``open(url, context)`` returns a
     :class:`~dicomvault.engine.interfaces.Database` for ``--db`` addresses.
     """
+    raise NotImplementedError
 
 
 @hookspec
@@ -62,6 +65,7 @@ def dicomvault_register_operations() -> list[Operation]:
 
     Names must be unique across plugins; a clash is reported at start-up.
     """
+    raise NotImplementedError
 
 
 @hookspec

@@ -42,8 +42,9 @@ class Source(Protocol):
     the source cannot offer) for the selection, in an order that reads
     efficiently. Opening an item's bytes must stream: never read a whole file
     into memory, and openers may be called from several threads at once (the
-    run loop copies items in parallel), so they must be thread-safe. ``attributes`` and ``attachments`` yield what belongs to the
-    selected series and to the studies and patients that contain them.
+    run loop copies items in parallel), so they must be thread-safe.
+    ``attributes`` and ``attachments`` yield what belongs to the selected
+    series and to the studies and patients that contain them.
     """
 
     description: str

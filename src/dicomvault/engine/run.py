@@ -106,11 +106,11 @@ def _hand_over(items: Iterable[Item | Rejected], target: Target, policy: Conflic
             yield settle()
     finally:
         # Stopped early (conflict under "fail", Ctrl-C): drop what was prepared.
-        for it, future in window:
+        for _it, future in window:
             if future is not None and not future.cancel():
                 try:
                     target.discard(future.result())  # type: ignore[attr-defined]
-                except Exception:  # noqa: BLE001 - best effort while unwinding
+                except Exception:
                     pass
         pool.shutdown(wait=True)
 
@@ -138,7 +138,8 @@ def transfer(ctx: Context, source: Source, target: Target, selection: Selection,
     try:
         if policy is ConflictPolicy.FAIL:
             _preflight(source, target, selection)
-        with contextlib.closing(_hand_over(source.instances(selection), target, policy, dry_run)) as handed:
+        handed = _hand_over(source.instances(selection), target, policy, dry_run)
+        with contextlib.closing(handed):  # type: ignore[type-var]
             for it, outcome, reason in handed:
                 if isinstance(it, Rejected):
                     record("file", Outcome.IGNORED if it.ignored else Outcome.REJECTED, it.item, it.reason)

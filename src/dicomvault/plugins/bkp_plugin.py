@@ -26,7 +26,7 @@ from dicomvault.engine import (
     UsageError,
     hookimpl,
 )
-from dicomvault.formats.bkp.manifest import AttachmentEntry, InstanceEntry, Manifest
+from dicomvault.formats.bkp.manifest import AttachmentEntry, Blob, InstanceEntry, Manifest
 from dicomvault.formats.bkp.reader import BkpReader
 from dicomvault.formats.bkp.writer import BkpWriter
 
@@ -54,6 +54,9 @@ class BkpSource:
         p = self.patients.get(st.patient_key) if st else None
         return (p, st, se) if (p and st and se) else None
 
+    def _opener(self, blob: Blob) -> Opener:
+        return lambda: self.reader.open_blob(blob)
+
     def _owners(self, selection: Selection) -> dict[str, set[str]]:
         owners: dict[str, set[str]] = {"patient": set(), "study": set(), "series": set()}
         for se in self.series.values():
@@ -73,8 +76,7 @@ class BkpSource:
         for entry in sorted(self._selected_entries(selection), key=lambda e: e.blob.offset):
             h = self._hierarchy(entry.record.series_uid)
             assert h is not None
-            blob = entry.blob
-            yield Item(entry.record, h[2], h[1], h[0], lambda blob=blob: self.reader.open_blob(blob))
+            yield Item(entry.record, h[2], h[1], h[0], self._opener(entry.blob))
 
     def attributes(self, selection: Selection) -> Iterator[Attributes]:
         owners = self._owners(selection)
@@ -87,8 +89,7 @@ class BkpSource:
         owners = self._owners(selection)
         for entry in self.reader.manifest.attachments:
             if entry.record.uid in owners.get(entry.record.level, ()):
-                blob = entry.blob
-                yield entry.record, (lambda blob=blob: self.reader.open_blob(blob))
+                yield entry.record, self._opener(entry.blob)
 
     def close(self) -> None:
         self.reader.close()
@@ -116,7 +117,7 @@ class BkpTarget:
         entry = self.instances.get(sop_uid)
         return entry.record.sha256 if entry else None
 
-    def _write(self, open_: Opener, expected: str, what: str) -> tuple[object, str, int] | tuple[None, str, int]:
+    def _write(self, open_: Opener, expected: str, what: str) -> tuple[Blob | None, str, int]:
         digest = hashlib.sha256()
         with open_() as fh:
             blob = self.writer.add_blob(fh, digest.update)

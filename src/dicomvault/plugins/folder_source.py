@@ -6,10 +6,12 @@ read again, streaming, only by the target that stores them.
 """
 from __future__ import annotations
 
+import collections
+import itertools
 import os
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from datetime import datetime, timezone
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from datetime import UTC, datetime
 
 import msgspec
 
@@ -25,7 +27,8 @@ from dicomvault.engine import (
     hookimpl,
 )
 
-PARALLEL_FROM = 64  # below this, starting worker processes costs more than it saves
+BATCH = 64  # files per work item for the header-parsing processes
+Probed = Header | tuple[str, bool]
 
 
 def walk(paths: Sequence[str]) -> Iterator[str]:
@@ -44,11 +47,20 @@ def walk(paths: Sequence[str]) -> Iterator[str]:
                 yield os.path.join(dirpath, name)
 
 
-def _probe(path: str) -> Header | tuple[str, bool]:
+def _batches(paths: Iterator[str], size: int) -> Iterator[list[str]]:
+    while batch := list(itertools.islice(paths, size)):
+        yield batch
+
+
+def _probe(path: str) -> Probed:
     try:
         return read_header(path)
     except NotInstance as exc:
         return exc.reason, exc.ignored
+
+
+def _probe_many(paths: list[str]) -> list[Probed]:
+    return [_probe(p) for p in paths]
 
 
 class FolderSource:
@@ -57,21 +69,30 @@ class FolderSource:
         self.jobs = jobs or os.cpu_count() or 1
         self.description = "files " + ", ".join(self.paths)
 
-    def files(self) -> list[str]:
-        return list(walk(self.paths))
-
     def instances(self, selection: Selection) -> Iterator[Item | Rejected]:
-        files = self.files()
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        if self.jobs > 1 and len(files) >= PARALLEL_FROM:
-            with ProcessPoolExecutor(self.jobs) as pool:
-                yield from self._items(files, pool.map(_probe, files, chunksize=32), now, selection)
-        else:
-            yield from self._items(files, map(_probe, files), now, selection)
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        batches = _batches(walk(self.paths), BATCH)
+        first = next(batches, [])
+        if self.jobs <= 1 or len(first) < BATCH:  # small job: worker start-up costs more than it saves
+            for batch in itertools.chain([first], batches):
+                yield from self._items(batch, map(_probe, batch), now, selection)
+            return
+        with ProcessPoolExecutor(self.jobs) as pool:
+            # A bounded window of batches in flight: memory stays flat however
+            # many files there are, and the workers never wait for the walk.
+            window: collections.deque[tuple[list[str], Future[list[Probed]]]] = collections.deque()
+            for batch in itertools.chain([first], batches):
+                window.append((batch, pool.submit(_probe_many, batch)))
+                if len(window) > 2 * self.jobs:
+                    done, future = window.popleft()
+                    yield from self._items(done, future.result(), now, selection)
+            while window:
+                done, future = window.popleft()
+                yield from self._items(done, future.result(), now, selection)
 
-    def _items(self, files: list[str], results: Iterator[Header | tuple[str, bool]], now: str,
+    def _items(self, files: list[str], results: Iterable[Probed], now: str,
                selection: Selection) -> Iterator[Item | Rejected]:
-        for path, res in zip(files, results):
+        for path, res in zip(files, results, strict=True):
             if isinstance(res, tuple):
                 yield Rejected(path, res[0], ignored=res[1])
                 continue
@@ -104,4 +125,3 @@ def dicomvault_register_sources() -> list[Kind]:
     return [Kind(name="files", description="DICOM files and folders, searched recursively "
                  "(files:PATH[,PATH...])", matches=_is_folder,
                  open=lambda url, ctx: FolderSource(url[len("files:"):].split(",")))]
-

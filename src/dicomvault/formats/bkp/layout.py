@@ -53,7 +53,7 @@ def unpack_header(raw: bytes) -> tuple[int, int, bytes, int]:
         raise NotABackupError("not a .bkp file (the header magic is missing)")
     if len(raw) < HEADER.size:
         raise TruncatedError("truncated .bkp file: the header is incomplete")
-    magic, major, minor, flags, file_id, created, reserved, check = HEADER.unpack(raw[:64])
+    _magic, major, minor, flags, file_id, created, reserved, check = HEADER.unpack(raw[:64])
     if xxh3(raw[:56]) != check:
         raise ChecksumError("the .bkp header checksum does not match (damaged header)")
     if major != MAJOR:

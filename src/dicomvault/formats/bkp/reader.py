@@ -105,9 +105,8 @@ class BkpReader:
             expected += fe.raw
         self.stream_size = expected
         self._starts = [fe.stream_offset for fe in m.frames]
-        for entry in (*m.instances, *m.attachments):
-            if entry.blob.offset < 0 or entry.blob.length < 0 or \
-                    entry.blob.offset + entry.blob.length > expected:
+        for blob in [e.blob for e in m.instances] + [e.blob for e in m.attachments]:
+            if blob.offset < 0 or blob.length < 0 or blob.offset + blob.length > expected:
                 raise CorruptError("a blob points outside the payload")
 
     def _decode(self, payload: bytes, codec: int, raw: int, what: str) -> bytes:

@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -134,12 +134,13 @@ class BkpWriter:
         self.pool.shutdown()
         manifest.major, manifest.minor = MAJOR, MINOR
         manifest.writer = self.writer_name
-        manifest.created = manifest.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
+        manifest.created = manifest.created or datetime.now(UTC).isoformat(timespec="seconds")
         manifest.frames = self.frames
         raw = encoder.encode(manifest)
         codec, payload, check = _compress(raw, self.level)
         manifest_offset = self.pos
-        self.fh.write(pack_frame_header(FRAME_MANIFEST, codec, len(self.frames), len(payload), len(raw), check))
+        self.fh.write(pack_frame_header(FRAME_MANIFEST, codec, len(self.frames), len(payload), len(raw),
+                                        check))
         self.fh.write(payload)
         self.pos += 48 + len(payload)
         self.fh.write(pack_footer(manifest_offset, 48 + len(payload), len(self.frames), self.file_id))

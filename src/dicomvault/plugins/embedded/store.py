@@ -13,8 +13,8 @@ import ctypes
 import hashlib
 import os
 import sys
-from collections.abc import Callable
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 

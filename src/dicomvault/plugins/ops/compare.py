@@ -60,7 +60,8 @@ def compare(expected: Source, actual: Source, selection: Selection, *, rehash: b
         report.add("attributes", Outcome.FAILED, f"{key[0]} {key[1]}", "unexpected extra attributes")
     for aid, (rec, _op) in exp_atts.items():
         other_att = act_atts.get(aid)
-        ok = other_att is not None and other_att[0] == rec and (not rehash or _sha(other_att[1]) == rec.sha256)
+        ok = (other_att is not None and other_att[0] == rec
+              and (not rehash or _sha(other_att[1]) == rec.sha256))
         report.add("attachment", Outcome.UNCHANGED if ok else Outcome.FAILED, aid,
                    "" if ok else "missing or different")
     for aid in act_atts.keys() - exp_atts.keys():

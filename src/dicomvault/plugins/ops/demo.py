@@ -67,7 +67,8 @@ def run(ctx: Context, args: argparse.Namespace) -> Report:
     report = Report(operation="demo")
     ctx.item_lines = False  # the broken test files are expected: summarised below, not listed
     db = ctx.open_database(str(workdir / "db"))
-    ingest = transfer(ctx, ctx.open_source("files:" + ",".join(folders)), db.target(), Selection(whole=True), operation="import-dicom")
+    ingest = transfer(ctx, ctx.open_source("files:" + ",".join(folders)), db.target(), Selection(whole=True),
+                      operation="import-dicom")
     _phase(ctx, report, "import-dicom", ingest)
     stored = ingest.count(Outcome.STORED, "instance")
     if not stored:
@@ -83,7 +84,8 @@ def run(ctx: Context, args: argparse.Namespace) -> Report:
     db.update_attributes("patient", first.patient.key, fields={"cohort": "A"})
     backup = workdir / "whole-database.bkp"
     src = db.source()
-    export = transfer(ctx, src, ctx.open_target(f"bkp:{backup}"), Selection(whole=True), operation="export-db")
+    export = transfer(ctx, src, ctx.open_target(f"bkp:{backup}"), Selection(whole=True),
+                      operation="export-db")
     src.close()
     _phase(ctx, report, "export-db", export)
     restored = ctx.open_database(str(workdir / "restored"))

@@ -11,7 +11,7 @@ from dicomvault.engine import Context, Operation, hookimpl
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
     hooks = ctx.hooks
-    info = {
+    info: dict[str, list] = {  # type: ignore[type-arg]
         "plugins": [{"name": n, "origin": o} for n, o in hooks.plugin_list()],
         "sources": [{"name": k.name, "description": k.description} for k in hooks.sources()],
         "targets": [{"name": k.name, "description": k.description} for k in hooks.targets()],

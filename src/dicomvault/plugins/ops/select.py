@@ -35,7 +35,12 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         picked = _series(db, selection_from(args, db))
         if not picked:
             raise UsageError("the selection matches nothing in the database")
-        chosen = picked if args.action == "set" else chosen | picked if args.action == "add" else chosen - picked
+        if args.action == "set":
+            chosen = picked
+        elif args.action == "add":
+            chosen |= picked
+        else:
+            chosen -= picked
     elif args.action == "add-all":
         chosen = _series(db, Selection(whole=True))
     elif args.action == "clear":

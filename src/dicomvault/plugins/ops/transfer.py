@@ -41,8 +41,9 @@ def _import_run(ctx: Context, args: argparse.Namespace) -> Report:
     source = ctx.open_source("bkp:" + args.input)
     try:
         db = ctx.open_database()
+        name = "import-db (dry run)" if args.dry_run else "import-db"
         report = transfer(ctx, source, db.target(), selection, policy=policy_from(args),
-                          dry_run=args.dry_run, operation="import-db" + (" (dry run)" if args.dry_run else ""))
+                          dry_run=args.dry_run, operation=name)
     finally:
         source.close()
     report.details["database"] = db.url
