@@ -90,7 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return EXIT_FAILED
+    except OSError as exc:  # the file system said no (disk full, name too long): a message, no traceback
+        print(f"dicomvault: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
+        log.removeHandler(stderr)  # main() may run many times in one process (tests, scripts)
         if ctx is not None:
             ctx.close()
     if isinstance(result, Report):

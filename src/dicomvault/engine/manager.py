@@ -44,15 +44,15 @@ def make_plugin_manager(*, autoload: bool = True, block: Iterable[str] = (),
         if pm.is_blocked(modname):
             continue
         pm.register(importlib.import_module(modname), name=modname)
-    if autoload:
-        try:
+    try:
+        if autoload:
             pm.load_setuptools_entrypoints(hookspecs.PROJECT)
-        except Exception as exc:  # a broken third-party plugin must not look like our bug
-            raise PluginError(f"could not load a plugin from entry point group "
-                              f"'{hookspecs.PROJECT}': {type(exc).__name__}: {exc}") from exc
-    for plugin in extra:
-        pm.register(plugin)
-    pm.check_pending()
+        for plugin in extra:
+            pm.register(plugin)
+        pm.check_pending()
+    except Exception as exc:  # a broken third-party plugin must not look like our bug
+        raise PluginError(f"could not load a plugin from entry point group '{hookspecs.PROJECT}': "
+                          f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
     return pm
 
 
@@ -67,18 +67,25 @@ class Hooks:
         # that later plugins take precedence when several match.
         return [k for group in results for k in (group or [])]
 
+    def _collect(self, hook: str) -> list:  # type: ignore[type-arg]
+        try:
+            return getattr(self.pm.hook, hook)()  # type: ignore[no-any-return]
+        except Exception as exc:  # a plugin's bug, reported as such rather than as a traceback
+            raise PluginError(f"a plugin failed in {hook}: {type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())}") from exc
+
     def sources(self) -> list[Kind]:
-        return self._kinds(self.pm.hook.dicomvault_register_sources())
+        return self._kinds(self._collect("dicomvault_register_sources"))
 
     def targets(self) -> list[Kind]:
-        return self._kinds(self.pm.hook.dicomvault_register_targets())
+        return self._kinds(self._collect("dicomvault_register_targets"))
 
     def databases(self) -> list[Kind]:
-        return self._kinds(self.pm.hook.dicomvault_register_databases())
+        return self._kinds(self._collect("dicomvault_register_databases"))
 
     def operations(self) -> list[Operation]:
         ops: dict[str, Operation] = {}
-        for group in reversed(self.pm.hook.dicomvault_register_operations()):
+        for group in reversed(self._collect("dicomvault_register_operations")):
             for op in group or []:
                 if op.name in ops:
                     raise PluginError(f"two plugins provide the command '{op.name}'")

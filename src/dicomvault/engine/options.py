@@ -3,6 +3,7 @@ policies. Plugin operations use these to behave like the built-ins."""
 from __future__ import annotations
 
 import argparse
+import datetime
 import re
 
 from .errors import UsageError
@@ -16,6 +17,11 @@ def _date(value: str) -> str:
     if value == "":
         return ""  # the default: argparse passes string defaults through ``type`` too
     m = _DATE.match(value.strip())
+    if m:
+        try:
+            datetime.date(*map(int, m.groups()))  # a real calendar day, not 2020-13-45
+        except ValueError:
+            m = None
     if not m:
         raise argparse.ArgumentTypeError(f"'{value}' is not a date (YYYYMMDD or YYYY-MM-DD)")
     return "".join(m.groups())

@@ -161,9 +161,10 @@ class Selection(msgspec.Struct, frozen=True, kw_only=True):
             return False
         if self.modalities and series.modality.upper() not in {m.upper() for m in self.modalities}:
             return False
-        if self.date_from and (not study.date or study.date < self.date_from):
+        date = study.date.replace(".", "")  # old ACR-NEMA dates are YYYY.MM.DD
+        if self.date_from and (not date or date < self.date_from):
             return False
-        if self.date_to and (not study.date or study.date > self.date_to):
+        if self.date_to and (not date or date > self.date_to):
             return False
         return True
 

@@ -147,8 +147,8 @@ class BkpWriter:
         self.fh.flush()
         os.fsync(self.fh.fileno())
         self.fh.close()
-        self.closed = True
         os.replace(self.tmp, self.final)
+        self.closed = True  # only now: if the rename fails, abort() must still remove the temporary file
         fsync_dir(self.final.parent)
         return self.final
 

@@ -43,6 +43,8 @@ from .store import ContentStore, Staged
 
 COMMIT_EVERY_ITEMS = 500
 COMMIT_EVERY_SECONDS = 2.0
+OWN_NAMES = {"catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm", "catalog.sqlite-journal",
+             "store", "tmp"}
 
 
 def now_iso() -> str:
@@ -59,7 +61,8 @@ class EmbeddedDatabase:
         if not catalog_path.exists():
             if not create:
                 raise DatabaseError(f"no dicomvault database at {self.root}")
-            if self.root.exists() and any(self.root.iterdir()):
+            # Our own layout may already be there: another process creating this database right now.
+            if self.root.exists() and any(p.name not in OWN_NAMES for p in self.root.iterdir()):
                 raise DatabaseError(f"{self.root} is not empty and holds no dicomvault database; "
                                     "refusing to create one there")
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -458,6 +461,12 @@ class EmbeddedTarget:
         """Decide and commit, in the calling (run loop) thread."""
         rec = item.instance
         stored = self.lookup(rec.sop_uid)  # authoritative: sees this batch's rows too
+        if stored is None and not self._in_tx:
+            # Not under the write lock yet: another process may store this UID meanwhile.
+            self._begin()
+            stored = self.lookup(rec.sop_uid)
+            if stored is not None:
+                self._commit()  # nothing written: release the lock
         if staged is None:
             if stored is not None and stored == rec.sha256:
                 return Outcome.UNCHANGED, ""

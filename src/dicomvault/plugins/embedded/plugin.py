@@ -4,6 +4,8 @@ Addresses: a plain path, or ``sqlite:PATH``.
 """
 from __future__ import annotations
 
+import re
+
 from dicomvault.engine import Context, Kind, hookimpl
 
 from .database import EmbeddedDatabase
@@ -14,7 +16,10 @@ def _path(url: str) -> str:
 
 
 def _is_embedded(url: str) -> bool:
-    return url.startswith("sqlite:") or ("://" not in url and not url.lower().endswith(".bkp"))
+    # Not "scheme:..." of some other kind (a missing plugin's address must not become a folder
+    # named "myscheme:" here); a one-letter prefix is a Windows drive.
+    return url.startswith("sqlite:") or ("://" not in url and not url.lower().endswith(".bkp")
+                                         and not re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", url))
 
 
 def _open_db(url: str, ctx: Context) -> EmbeddedDatabase:
