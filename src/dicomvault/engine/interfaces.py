@@ -76,6 +76,13 @@ class Target(Protocol):
     in order, in the run loop's thread: decide and commit, same result as
     ``put_instance``) and ``discard(token)``. The run loop then prepares a
     bounded window of items ahead in worker threads.
+
+    Optional, for honest dry runs: ``plan_attributes(attrs, policy)`` and
+    ``plan_attachment(record, policy)`` return what the matching ``put_*``
+    would do (``would-store``, ``would-overwrite``, ``unchanged``,
+    ``conflict``) without changing anything. Without them a dry run reports
+    "would-store". A dry run only ever calls ``lookup`` and ``plan_*``, then
+    ``finish(False)``.
     """
 
     description: str

@@ -58,6 +58,13 @@ def _preflight(source: Source, target: Target, selection: Selection) -> None:
                             f"same SOP Instance UID ({shown}); nothing was changed (policy: fail)")
 
 
+def _plan(target: Target, method: str, record: object, policy: ConflictPolicy) -> tuple[Outcome, str]:
+    """A dry run's prediction for attributes or an attachment: the target's
+    own ``plan_*`` when it has one, else "would store"."""
+    plan = getattr(target, method, None)
+    return plan(record, policy) if plan is not None else (Outcome.WOULD_STORE, "")  # type: ignore[no-any-return]
+
+
 def _put(target: Target, item: Item, policy: ConflictPolicy, dry_run: bool) -> tuple[Outcome, str]:
     try:
         if dry_run:
@@ -153,21 +160,21 @@ def transfer(ctx: Context, source: Source, target: Target, selection: Selection,
                     raise ConflictError(f"instance {uid} conflicts with the target (policy: fail)")
         for attrs in source.attributes(selection):
             name = f"{attrs.level} {attrs.uid if attrs.level != 'patient' else '(patient)'}"
-            if dry_run:
-                record("attributes", Outcome.WOULD_STORE, name)
-                continue
             try:
-                outcome, reason = target.put_attributes(attrs, policy)
+                if dry_run:
+                    outcome, reason = _plan(target, "plan_attributes", attrs, policy)
+                else:
+                    outcome, reason = target.put_attributes(attrs, policy)
             except (DicomvaultError, OSError) as exc:
                 outcome, reason = Outcome.FAILED, str(exc)
             record("attributes", outcome, name, reason)
         for rec, opener in source.attachments(selection):
             name = f"attachment {rec.attachment_id}"
-            if dry_run:
-                record("attachment", Outcome.WOULD_STORE, name, size=rec.size)
-                continue
             try:
-                outcome, reason = target.put_attachment(rec, opener, policy)
+                if dry_run:
+                    outcome, reason = _plan(target, "plan_attachment", rec, policy)
+                else:
+                    outcome, reason = target.put_attachment(rec, opener, policy)
             except (DicomvaultError, OSError) as exc:
                 outcome, reason = Outcome.FAILED, str(exc)
             record("attachment", outcome, name, reason, rec.size)

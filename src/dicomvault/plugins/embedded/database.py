@@ -51,6 +51,14 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def check_creatable(root: Path) -> None:
+    """Refuse to create a database in a directory that holds other things."""
+    # Our own layout may already be there: another process creating this database right now.
+    if root.exists() and (not root.is_dir() or any(p.name not in OWN_NAMES for p in root.iterdir())):
+        raise DatabaseError(f"{root} is not empty and holds no dicomvault database; "
+                            "refusing to create one there")
+
+
 class EmbeddedDatabase:
     """A :class:`~dicomvault.engine.Database` in a local directory."""
 
@@ -61,10 +69,7 @@ class EmbeddedDatabase:
         if not catalog_path.exists():
             if not create:
                 raise DatabaseError(f"no dicomvault database at {self.root}")
-            # Our own layout may already be there: another process creating this database right now.
-            if self.root.exists() and any(p.name not in OWN_NAMES for p in self.root.iterdir()):
-                raise DatabaseError(f"{self.root} is not empty and holds no dicomvault database; "
-                                    "refusing to create one there")
+            check_creatable(self.root)
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.umask(os.umask(0o077) | 0o077)  # files we create are private to the user
         self.store = ContentStore(self.root)
@@ -211,6 +216,11 @@ class Transaction:
         self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
+def _as_planned(outcome: Outcome, reason: str) -> tuple[Outcome, str]:
+    planned = {Outcome.STORED: Outcome.WOULD_STORE, Outcome.OVERWRITTEN: Outcome.WOULD_OVERWRITE}
+    return planned.get(outcome, outcome), reason
+
+
 def _attachment_row(rec: AttachmentRecord) -> tuple:  # type: ignore[type-arg]
     return (rec.attachment_id, rec.level, rec.uid, rec.name, rec.media_type, rec.size, rec.sha256,
             rec.created_at)
@@ -294,8 +304,9 @@ class EmbeddedTarget:
     file is removed only after the catalog no longer refers to it.
     """
 
-    def __init__(self, db: EmbeddedDatabase) -> None:
+    def __init__(self, db: EmbeddedDatabase, *, owns_db: bool = False) -> None:
         self.db = db
+        self.owns_db = owns_db  # opened for this target alone: closed by finish()
         self.conn = db.conn
         self.description = f"database {db.root}"
         self._in_tx = False
@@ -360,6 +371,8 @@ class EmbeddedTarget:
             for conn in self._readers:
                 conn.close()
             self._readers.clear()
+            if self.owns_db:
+                self.db.close()
 
     # ------------------------------------------------------------ hierarchy
     def _id(self, table: str, col: str, value: str) -> int | None:
@@ -504,37 +517,64 @@ class EmbeddedTarget:
         self._maybe_commit()
         return outcome, warning
 
-    def put_attributes(self, attrs: Attributes, policy: ConflictPolicy) -> tuple[Outcome, str]:
-        if attrs.level == "patient":
-            exists = self._id("patients", "key", attrs.uid) is not None
-        else:
-            table, col = {"study": ("studies", "study_uid"), "series": ("series", "series_uid"),
-                          "instance": ("instances", "sop_uid")}[attrs.level]
-            exists = self._id(table, col, attrs.uid) is not None
-        if not exists:
-            return Outcome.FAILED, f"no {attrs.level} to attach the attributes to"
-        self._begin()
+    def _exists(self, level: str, uid: str) -> bool:
+        table, col = {"patient": ("patients", "key"), "study": ("studies", "study_uid"),
+                      "series": ("series", "series_uid"), "instance": ("instances", "sop_uid")}[level]
+        return self._id(table, col, uid) is not None
+
+    def _decide_attributes(self, attrs: Attributes, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        """STORED / OVERWRITTEN (to be written), UNCHANGED or CONFLICT."""
         current = self.db._attributes(attrs.level, attrs.uid)
         if current is not None and not current.is_empty():
             if current == attrs:
                 return Outcome.UNCHANGED, ""
             if policy is not ConflictPolicy.OVERWRITE:
                 return Outcome.CONFLICT, "other attributes are stored for this entity; left untouched"
-        _write_attributes(self.conn, attrs)
-        self._maybe_commit()
-        return (Outcome.OVERWRITTEN if current is not None and not current.is_empty()
-                else Outcome.STORED), ""
+            return Outcome.OVERWRITTEN, ""
+        return Outcome.STORED, ""
 
-    def put_attachment(self, record: AttachmentRecord, open_: Opener,
-                       policy: ConflictPolicy) -> tuple[Outcome, str]:
+    def plan_attributes(self, attrs: Attributes, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        """What :meth:`put_attributes` would do, changing nothing. An entity
+        not stored yet is assumed to arrive with the instances of this run."""
+        if not self._exists(attrs.level, attrs.uid):
+            return Outcome.WOULD_STORE, ""
+        return _as_planned(*self._decide_attributes(attrs, policy))
+
+    def put_attributes(self, attrs: Attributes, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        if not self._exists(attrs.level, attrs.uid):
+            return Outcome.FAILED, f"no {attrs.level} to attach the attributes to"
         self._begin()
+        outcome, reason = self._decide_attributes(attrs, policy)
+        if outcome in (Outcome.STORED, Outcome.OVERWRITTEN):
+            _write_attributes(self.conn, attrs)
+            self._maybe_commit()
+        return outcome, reason
+
+    def _current_attachment(self, record: AttachmentRecord) -> AttachmentRecord | None:
         row = self.conn.execute(f"SELECT {cat.ATTACHMENT_COLS} FROM attachments WHERE attachment_id = ?",
                                 (record.attachment_id,)).fetchone()
-        current = cat.attachment_of(row) if row else None
+        return cat.attachment_of(row) if row else None
+
+    @staticmethod
+    def _decide_attachment(current: AttachmentRecord | None, record: AttachmentRecord,
+                           policy: ConflictPolicy) -> tuple[Outcome, str]:
         if current == record:
             return Outcome.UNCHANGED, ""
         if current is not None and policy is not ConflictPolicy.OVERWRITE:
             return Outcome.CONFLICT, "another attachment is stored under this id; left untouched"
+        return (Outcome.OVERWRITTEN if current else Outcome.STORED), ""
+
+    def plan_attachment(self, record: AttachmentRecord, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        """What :meth:`put_attachment` would do, changing nothing."""
+        return _as_planned(*self._decide_attachment(self._current_attachment(record), record, policy))
+
+    def put_attachment(self, record: AttachmentRecord, open_: Opener,
+                       policy: ConflictPolicy) -> tuple[Outcome, str]:
+        self._begin()
+        current = self._current_attachment(record)
+        outcome, reason = self._decide_attachment(current, record, policy)
+        if outcome not in (Outcome.STORED, Outcome.OVERWRITTEN):
+            return outcome, reason
         staged = self._stage_verified(open_, record.sha256, f"attachment {record.attachment_id}")
         self._publish(staged)
         self.conn.execute(f"INSERT OR REPLACE INTO attachments ({cat.ATTACHMENT_COLS}) "
@@ -542,4 +582,60 @@ class EmbeddedTarget:
         if current is not None and current.sha256 != record.sha256:
             self._drop_after_commit.append(current.sha256)
         self._maybe_commit()
-        return (Outcome.OVERWRITTEN if current else Outcome.STORED), ""
+        return outcome, reason
+
+
+class NewDatabaseTarget:
+    """The target for an embedded database that does not exist yet. It is
+    created by the first write, so opening it, a dry run, or a run that
+    stores nothing leaves nothing behind."""
+
+    def __init__(self, root: Path) -> None:
+        check_creatable(root)
+        self.root = root
+        self.description = f"database {root} (new)"
+        self._target: EmbeddedTarget | None = None
+        self._lock = threading.Lock()
+
+    def _real(self) -> EmbeddedTarget:
+        with self._lock:  # prepare() runs in worker threads
+            if self._target is None:
+                self._target = EmbeddedTarget(EmbeddedDatabase(self.root), owns_db=True)
+            return self._target
+
+    def lookup(self, sop_uid: str) -> str | None:
+        return self._target.lookup(sop_uid) if self._target is not None else None
+
+    def plan_attributes(self, attrs: Attributes, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        if self._target is None:
+            return Outcome.WOULD_STORE, ""
+        return self._target.plan_attributes(attrs, policy)
+
+    def plan_attachment(self, record: AttachmentRecord, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        if self._target is None:
+            return Outcome.WOULD_STORE, ""
+        return self._target.plan_attachment(record, policy)
+
+    def prepare(self, item: Item, policy: ConflictPolicy) -> Staged | None:
+        return self._real().prepare(item, policy)
+
+    def discard(self, prepared: Staged | None) -> None:
+        if prepared is not None:
+            prepared.discard()
+
+    def put_prepared(self, item: Item, staged: Staged | None, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        return self._real().put_prepared(item, staged, policy)
+
+    def put_instance(self, item: Item, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        return self._real().put_instance(item, policy)
+
+    def put_attributes(self, attrs: Attributes, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        return self._real().put_attributes(attrs, policy)
+
+    def put_attachment(self, record: AttachmentRecord, open_: Opener,
+                       policy: ConflictPolicy) -> tuple[Outcome, str]:
+        return self._real().put_attachment(record, open_, policy)
+
+    def finish(self, ok: bool) -> None:
+        if self._target is not None:
+            self._target.finish(ok)

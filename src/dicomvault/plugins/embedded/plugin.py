@@ -5,10 +5,11 @@ Addresses: a plain path, or ``sqlite:PATH``.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from dicomvault.engine import Context, Kind, hookimpl
 
-from .database import EmbeddedDatabase
+from .database import EmbeddedDatabase, EmbeddedTarget, NewDatabaseTarget
 
 
 def _path(url: str) -> str:
@@ -31,7 +32,10 @@ def _open_source(url: str, ctx: Context) -> object:
 
 
 def _open_target(url: str, ctx: Context) -> object:
-    return EmbeddedDatabase(_path(url)).target()
+    root = Path(_path(url)).expanduser()
+    if not (root / "catalog.sqlite").exists():
+        return NewDatabaseTarget(root)  # created by the first write, not by opening
+    return EmbeddedTarget(EmbeddedDatabase(root, create=False), owns_db=True)
 
 
 @hookimpl

@@ -40,13 +40,15 @@ def _import_run(ctx: Context, args: argparse.Namespace) -> Report:
     selection = selection_from(args, required=False)
     source = ctx.open_source("bkp:" + args.input)
     try:
-        db = ctx.open_database()
+        # As a target, not a database: a database that does not exist yet is
+        # created by the first write, so a dry run leaves nothing behind.
+        target = ctx.open_target(ctx.db_url)
         name = "import-db (dry run)" if args.dry_run else "import-db"
-        report = transfer(ctx, source, db.target(), selection, policy=policy_from(args),
+        report = transfer(ctx, source, target, selection, policy=policy_from(args),
                           dry_run=args.dry_run, operation=name)
     finally:
         source.close()
-    report.details["database"] = db.url
+    report.details["database"] = ctx.db_url
     return report
 
 
