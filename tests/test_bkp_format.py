@@ -219,6 +219,11 @@ def _blob_outside(m: Manifest) -> None:
     m.instances[0] = InstanceEntry(e.record, Blob(e.blob.offset, 1 << 40))
 
 
+def _blob_shorter_than_record(m: Manifest) -> None:
+    e = m.instances[0]
+    m.instances[0] = InstanceEntry(e.record, Blob(e.blob.offset, e.blob.length - 1))
+
+
 def _feature(m: Manifest) -> None:
     m.required_features = ["encryption-v9"]
 
@@ -286,6 +291,8 @@ CASES: dict[str, tuple[Damage, type[FormatError] | tuple[type[FormatError], ...]
         mm, 0, offset=_moff(d))), CorruptError, "frame 0"),
     "frame count disagrees": (lambda d, m: with_manifest(d, _frame_count), CorruptError, "frames"),
     "blob outside payload": (lambda d, m: with_manifest(d, _blob_outside), CorruptError, "blob"),
+    "record size differs from blob": (lambda d, m: with_manifest(d, _blob_shorter_than_record), CorruptError,
+                                      "record says"),
     "newer major version in header": (lambda d, m: with_header(d, 2, 3), UnsupportedVersionError, "2.3"),
     "newer major version in manifest": (lambda d, m: with_manifest(d, _major), UnsupportedVersionError,
                                         "7."),
@@ -650,3 +657,59 @@ def test_reader_follows_offsets_beyond_4_gib(cli, pydicom_files: Path, tmp_path:
     assert res.code == 0, res.err
     assert res.json()["counts"]["instance"] == {"stored": 1}
     assert stored_instances(db) == {record.sop_uid: record.sha256}
+
+
+# ---------------------------------------------------------------------- frame decoding limits
+
+
+@pytest.mark.parametrize("announced", [1 << 40, 99, 101])
+def test_frame_whose_zstd_size_disagrees_is_refused_before_allocating(corpus: Corpus, announced: int) -> None:
+    """A damaged or crafted ``raw`` must give *corrupt*, never a MemoryError
+    or a 1 TiB allocation: the zstd frame's own content size is checked first."""
+    payload = zstandard.ZstdCompressor().compress(b"x" * 100)
+    reader = BkpReader(corpus.bkp)
+    try:
+        with pytest.raises(CorruptError, match="announces 100 bytes"):
+            reader._decode(payload, CODEC_ZSTD, announced, "frame 0")
+        assert reader._decode(payload, CODEC_ZSTD, 100, "frame 0") == b"x" * 100
+    finally:
+        reader.close()
+
+
+def test_zstd_frame_without_content_size_is_refused(corpus: Corpus) -> None:
+    payload = zstandard.ZstdCompressor(write_content_size=False).compress(b"x" * 100)
+    reader = BkpReader(corpus.bkp)
+    try:
+        with pytest.raises(CorruptError, match="frame 3"):
+            reader._decode(payload, CODEC_ZSTD, 100, "frame 3")
+    finally:
+        reader.close()
+
+
+def test_missing_bkp_is_not_called_a_format_error(tmp_path: Path) -> None:
+    with pytest.raises(Exception) as info:
+        BkpReader(tmp_path / "nowhere.bkp")
+    assert not isinstance(info.value, FormatError)
+    assert "cannot open" in str(info.value) and "nowhere.bkp" in str(info.value)
+
+
+def test_instances_without_their_series_are_named_on_import(cli, corpus: Corpus, tmp_path: Path) -> None:
+    """An instance whose series record is missing cannot be restored; a whole
+    import names it instead of leaving it behind silently."""
+    lost: list[str] = []
+
+    def drop_series(m: Manifest) -> None:
+        series = m.series.pop(0)
+        lost.extend(e.record.sop_uid for e in m.instances if e.record.series_uid == series.series_uid)
+
+    bad = tmp_path / "orphans.bkp"
+    bad.write_bytes(with_manifest(corpus.data, drop_series))
+    assert lost
+    fresh = tmp_path / "fresh"
+    res = cli("--db", fresh, "import-db", bad, "--json")
+    assert res.code == 1, res.err
+    report = res.json()
+    named = {p["item"] for p in report["problems"] if "missing from the backup" in p["reason"]}
+    assert named == {f"instance {uid}" for uid in lost}
+    assert not set(stored_instances(fresh)) & set(lost)
+    assert len(stored_instances(fresh)) == len(corpus.manifest.instances) - len(lost)

@@ -343,6 +343,21 @@ def test_transfer_syntaxes(cli, tmp_path: Path, pydicom_files: Path, name: str) 
     assert stored_bytes(tmp_path / "db")[uid] == path.read_bytes()  # type: ignore[index]
 
 
+def test_complete_header_without_pixel_data_is_kept(cli, tmp_path: Path, pydicom_files: Path) -> None:
+    """pydicom's charset files are MR headers whose pixel data was left out:
+    complete data sets, so a backup keeps them byte for byte."""
+    charset = pydicom_files.parent / "charset_files"
+    chosen = [charset / n for n in ("chrJapMulti.dcm", "chrKoreanMulti.dcm")]
+    for path in chosen:
+        ds = pydicom.dcmread(path)
+        assert "Rows" in ds and "PixelData" not in ds, f"{path.name} no longer fits this test"
+    res = cli("--db", tmp_path / "db", "import-dicom", *chosen, "--json")
+    assert res.code == 0, res.err
+    stored = stored_instances(cli, tmp_path / "db")
+    assert set(stored) == {sop_uid_of(p) for p in chosen}
+    assert {v["sha256"] for v in stored.values()} == {sha256_file(p) for p in chosen}
+
+
 def test_dicomdir_is_ignored_and_not_a_problem(cli, tmp_path: Path, pydicom_files: Path) -> None:
     src = tmp_path / "in"
     src.mkdir()

@@ -72,6 +72,13 @@ class BkpSource:
         return [e for e in self.reader.manifest.instances if e.record.series_uid in wanted]
 
     def instances(self, selection: Selection) -> Iterator[Item | Rejected]:
+        if selection.whole:
+            # Instances that no selection can reach: their series, study or patient record is
+            # missing from the file. Said once each, rather than silently left behind.
+            for entry in self.reader.manifest.instances:
+                if self._hierarchy(entry.record.series_uid) is None:
+                    yield Rejected(f"instance {entry.record.sop_uid}", "its series, study or patient "
+                                   "record is missing from the backup; not restored")
         # In payload order, so frames are read once each, front to back.
         for entry in sorted(self._selected_entries(selection), key=lambda e: e.blob.offset):
             h = self._hierarchy(entry.record.series_uid)

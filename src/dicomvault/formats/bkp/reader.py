@@ -20,6 +20,7 @@ import zstandard
 from dicomvault.engine import (
     ChecksumError,
     CorruptError,
+    DicomvaultError,
     TruncatedError,
     UnsupportedFeatureError,
     UnsupportedVersionError,
@@ -44,13 +45,17 @@ MAX_MANIFEST = 1 << 32  # refuse to allocate more than this from a length field
 CACHED_FRAMES = 8
 
 
+class BkpOpenError(DicomvaultError):
+    """The file cannot be opened at all (missing, unreadable)."""
+
+
 class BkpReader:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         try:
             self.fh: BinaryIO = open(self.path, "rb")
-        except OSError as exc:
-            raise TruncatedError(f"cannot open {self.path}: {exc.strerror}") from exc
+        except OSError as exc:  # missing, unreadable, a directory: not a statement about the format
+            raise BkpOpenError(f"cannot open {self.path}: {exc.strerror}") from exc
         self._frames: dict[int, _Slot] = {}  # small cache, oldest first
         self._lock = threading.Lock()  # blobs are read from several threads at once
         self.bytes_read = 0
@@ -105,14 +110,28 @@ class BkpReader:
             expected += fe.raw
         self.stream_size = expected
         self._starts = [fe.stream_offset for fe in m.frames]
-        for blob in [e.blob for e in m.instances] + [e.blob for e in m.attachments]:
+        for what, blob, size in ([(f"instance {e.record.sop_uid}", e.blob, e.record.size)
+                                  for e in m.instances]
+                                 + [(f"attachment {e.record.attachment_id}", e.blob, e.record.size)
+                                    for e in m.attachments]):
             if blob.offset < 0 or blob.length < 0 or blob.offset + blob.length > expected:
-                raise CorruptError("a blob points outside the payload")
+                raise CorruptError(f"{what}: its blob points outside the payload")
+            if size != blob.length:
+                raise CorruptError(f"{what}: its record says {size} bytes, its blob {blob.length}")
 
     def _decode(self, payload: bytes, codec: int, raw: int, what: str) -> bytes:
         if codec != CODEC_ZSTD:
             data = payload
         else:
+            # Check the size the zstd frame announces before it allocates anything:
+            # a damaged or crafted length must give an error, not a MemoryError.
+            try:
+                announced = zstandard.frame_content_size(payload)
+            except zstandard.ZstdError as exc:
+                raise ChecksumError(f"{what} cannot be decompressed: {exc}") from exc
+            if announced != raw:
+                raise CorruptError(f"{what}: its zstd frame announces {announced} bytes, "
+                                   f"its header {raw}")
             try:
                 # a decompressor per call: they are not thread-safe, and cheap to make
                 data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw) if raw else b""
@@ -160,7 +179,8 @@ class BkpReader:
         if ftype != FRAME_DATA or seq != index or stored != fe.stored or raw != fe.raw or codec != fe.codec:
             raise CorruptError(f"frame {index} at offset {fe.offset} does not match the index")
         payload = os.pread(fd, stored, fe.offset + FRAME.size)
-        self.bytes_read += FRAME.size + len(payload)
+        with self._lock:
+            self.bytes_read += FRAME.size + len(payload)
         if len(payload) != stored:
             raise TruncatedError(f"truncated .bkp file: frame {index} is incomplete")
         if xxh3(payload) != check:
