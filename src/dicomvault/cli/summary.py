@@ -14,6 +14,15 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _value(value: object) -> str:
+    """Details as a person reads them: ``a 1, b 2`` rather than a Python dict."""
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_value(v)}" if isinstance(v, dict) else f"{v} {k}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(_value(v) for v in value)
+    return str(value)
+
+
 def print_summary(report: Report) -> None:
     print(f"{report.operation}: {VERDICT.get(report.exit_code, 'failed')} in {report.seconds:.1f} s")
     for what, counts in report.counts.items():
@@ -22,7 +31,7 @@ def print_summary(report: Report) -> None:
     if report.bytes:
         print(f"  data written: {_size(report.bytes)}")
     for key, value in report.details.items():
-        print(f"  {key}: {value}")
+        print(f"  {key}: {_value(value)}")
     for w in report.warnings:
         print(f"  warning: {w}")
     if report.problems:
