@@ -218,19 +218,25 @@ def test_corpus_nothing_lost_nothing_bad_stored(cli, corpus) -> None:  # type: i
     stored = stored_instances(cli, corpus["db"])
     stored_shas = {r["sha256"] for r in stored.values()}
     conflicts = {p["item"] for p in corpus["report"]["problems"] if p["outcome"] == "conflict"}
-    named = 0
+    named = named_conflicts = 0
     for f in corpus["files"]:
         if problem_lines(err, f):
             assert_one_reason_line(err, f)
+            uid = sop_uid_of(f)
+            if uid in conflicts and ": conflict (" in problem_lines(err, f)[0]:
+                # A conflict line names the instance and the file that conflicts.
+                assert stored[uid]["sha256"] != sha256_file(f), f"{f} is named a conflict, yet it is stored"
+                named_conflicts += 1
+                continue
             assert sha256_file(f) not in stored_shas, f"{f} was rejected, yet its bytes are stored"
             named += 1
             continue
         uid = sop_uid_of(f)
         assert uid in stored, f"{f} was neither stored nor reported"
-        if stored[uid]["sha256"] != sha256_file(f):
-            assert uid in conflicts, f"{f}: other bytes under {uid}, and no conflict was reported"
+        assert stored[uid]["sha256"] == sha256_file(f), f"{f}: other bytes under {uid}, and not named"
     files = corpus["report"]["counts"]["file"]
     assert named == files.get("rejected", 0) + files.get("ignored", 0)
+    assert named_conflicts == corpus["report"]["counts"]["instance"].get("conflict", 0)
 
 
 def test_corpus_known_good_files_are_stored(cli, corpus, pydicom_files: Path) -> None:  # type: ignore[no-untyped-def]

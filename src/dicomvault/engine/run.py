@@ -138,7 +138,7 @@ def transfer(ctx: Context, source: Source, target: Target, selection: Selection,
     def record(what: str, outcome: Outcome, item: str, reason: str = "", size: int = 0) -> None:
         report.add(what, outcome, item, reason, size)
         if outcome.is_problem:
-            log.info("%s %s: %s%s", what, item, outcome.value, f" ({reason})" if reason else "")
+            log.debug("%s %s: %s%s", what, item, outcome.value, f" ({reason})" if reason else "")
         ctx.emit(Event(kind="item", operation=operation, item=item, what=what,  # type: ignore[arg-type]
                        outcome=outcome.value, reason=reason, size=size))
 
@@ -155,6 +155,8 @@ def transfer(ctx: Context, source: Source, target: Target, selection: Selection,
                 assert outcome is not None
                 if outcome is Outcome.CONFLICT and not reason:
                     reason = "other content is stored under this SOP Instance UID; left untouched"
+                if outcome.is_problem and it.where:
+                    reason = f"{it.where}: {reason}" if reason else it.where
                 record("instance", outcome, uid, reason, it.instance.size)
                 if outcome is Outcome.CONFLICT and policy is ConflictPolicy.FAIL:
                     raise ConflictError(f"instance {uid} conflicts with the target (policy: fail)")

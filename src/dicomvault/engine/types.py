@@ -100,6 +100,7 @@ class Item(msgspec.Struct, frozen=True):
     study: StudyRecord
     patient: PatientRecord
     open: Opener
+    where: str = ""  # where the source found it, for messages (a file path); "" when the UID says enough
 
 
 class Rejected(msgspec.Struct, frozen=True):

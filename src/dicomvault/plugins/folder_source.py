@@ -100,7 +100,7 @@ class FolderSource:
                 continue
             rec = msgspec.structs.replace(res.instance, imported_at=now,
                                           origin="file:" + os.path.abspath(path))
-            yield Item(rec, res.series, res.study, res.patient, _opener(path))
+            yield Item(rec, res.series, res.study, res.patient, _opener(path), where=f"file {path}")
 
     def attributes(self, selection: Selection) -> Iterator[Attributes]:
         return iter(())
