@@ -55,3 +55,31 @@ def pydicom_files() -> Path:
     import pydicom
 
     return Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+# ---------------------------------------------------------------- real peers (tests/peers.py)
+@pytest.fixture(scope="session")
+def postgres_server():  # type: ignore[no-untyped-def]
+    """One throw-away PostgreSQL cluster for the session; tests make their own databases in it."""
+    from peers import postgres
+
+    with postgres() as pg:
+        yield pg
+
+
+@pytest.fixture
+def orthanc_server(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A fresh Orthanc with empty storage, for one test."""
+    from peers import orthanc
+
+    with orthanc(tmp_path / "orthanc") as server:
+        yield server
+
+
+@pytest.fixture
+def storescp_server(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A fresh DCMTK storescp writing into its own folder, for one test."""
+    from peers import storescp
+
+    with storescp(tmp_path / "storescp") as server:
+        yield server
