@@ -45,6 +45,14 @@ class Source(Protocol):
     run loop copies items in parallel), so they must be thread-safe.
     ``attributes`` and ``attachments`` yield what belongs to the selected
     series and to the studies and patients that contain them.
+
+    Optional, for ``move``: ``delete(sop_uid, sha256) -> bool`` deletes one
+    instance only if the bytes stored under that UID still have that
+    SHA-256 (content that changed since it was copied is kept), and returns
+    whether it did. It must be durable when it returns, and must never
+    remove bytes that another instance or attachment still refers to.
+    ``move`` calls it only for instances the target has confirmed, after
+    the target's ``finish(True)``.
     """
 
     description: str
@@ -69,6 +77,14 @@ class Target(Protocol):
     holds when something fails. ``finish(ok=True)`` makes everything durable
     (for a file target: fsync and rename); ``finish(ok=False)`` discards what
     is not committed yet.
+
+    The outcomes ``stored``, ``unchanged`` and ``overwritten`` are promises:
+    a target returns them only when it has verified that it holds exactly
+    the item's bytes (SHA-256, or the peer's own confirmation of a complete
+    transfer), so that once ``finish(True)`` has returned the copy is
+    durable. ``move`` deletes from the source on the strength of them;
+    anything the target cannot confirm must be ``failed`` (or
+    ``conflict``/``rejected``), never one of those three.
 
     Optional, for speed: a target may also define ``prepare(item, policy)``
     (thread-safe: copy and hash the bytes somewhere private, verify them,

@@ -25,6 +25,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "dicomvault.plugins.ops.plugins_cmd",
     "dicomvault.plugins.ops.compare",
     "dicomvault.plugins.ops.demo",
+    "dicomvault.plugins.postgres.plugin",
+    "dicomvault.plugins.ops.replicate",
 )
 
 

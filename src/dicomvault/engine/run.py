@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from .context import Context
@@ -124,8 +124,12 @@ def _hand_over(items: Iterable[Item | Rejected], target: Target, policy: Conflic
 
 def transfer(ctx: Context, source: Source, target: Target, selection: Selection, *,
              policy: ConflictPolicy = ConflictPolicy.SKIP, dry_run: bool = False,
-             operation: str = "transfer", total: int | None = None) -> Report:
+             operation: str = "transfer", total: int | None = None,
+             on_instance: Callable[[Item, Outcome], None] | None = None) -> Report:
     """Move what ``selection`` picks from ``source`` to ``target``.
+
+    ``on_instance(item, outcome)``, when given, is told each instance's
+    outcome in order (``move`` uses it to learn what the target confirmed).
 
     Returns the report; raises only for errors that stop the whole run (the
     target is then rolled back to its last durable state).
@@ -158,6 +162,8 @@ def transfer(ctx: Context, source: Source, target: Target, selection: Selection,
                 if outcome.is_problem and it.where:
                     reason = f"{it.where}: {reason}" if reason else it.where
                 record("instance", outcome, uid, reason, it.instance.size)
+                if on_instance is not None:
+                    on_instance(it, outcome)
                 if outcome is Outcome.CONFLICT and policy is ConflictPolicy.FAIL:
                     raise ConflictError(f"instance {uid} conflicts with the target (policy: fail)")
         for attrs in source.attributes(selection):

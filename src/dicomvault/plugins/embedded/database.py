@@ -98,7 +98,7 @@ class EmbeddedDatabase:
 
     def tree(self, selection: Selection, depth: Level) -> list[TreeNode]:
         counts = {sid: (n, size) for sid, n, size in self.conn.execute(
-            "SELECT series, count(*), coalesce(sum(size), 0) FROM instances GROUP BY series")}
+            "SELECT series, count(*), CAST(coalesce(sum(size), 0) AS BIGINT) FROM instances GROUP BY series")}
         patients: dict[str, TreeNode] = {}
         studies: dict[str, TreeNode] = {}
         for p, st, se, sid in self._selected_series(selection):
@@ -292,8 +292,37 @@ class EmbeddedSource:
                 rec = cat.attachment_of(row)
                 yield rec, self._opener(rec.sha256)
 
+    def delete(self, sop_uid: str, sha256: str) -> bool:
+        """Delete one instance if its stored SHA-256 is still ``sha256`` (see
+        the Source contract); durable when it returns. Its instance-level
+        attributes go with it; series, studies and patients stay."""
+        return delete_instance(self.db, sop_uid, sha256)
+
     def close(self) -> None:
         self.conn.close()
+
+
+def referenced(conn: sqlite3.Connection, sha: str) -> bool:
+    """Whether any instance or attachment refers to these bytes."""
+    return (conn.execute("SELECT 1 FROM instances WHERE sha256 = ? LIMIT 1", (sha,)).fetchone()
+            or conn.execute("SELECT 1 FROM attachments WHERE sha256 = ? LIMIT 1",
+                            (sha,)).fetchone()) is not None
+
+
+def delete_instance(db: EmbeddedDatabase, sop_uid: str, sha256: str) -> bool:
+    """The catalog row goes first (committed), then the file, and the file
+    only if nothing refers to it, checked under the write lock that every
+    writer holds from publishing a file to committing the row that uses it."""
+    with Transaction(db.conn) as conn:
+        gone = conn.execute("DELETE FROM instances WHERE sop_uid = ? AND sha256 = ?",
+                            (sop_uid, sha256)).rowcount == 1
+        if gone:
+            conn.execute("DELETE FROM attributes WHERE level = 'instance' AND uid = ?", (sop_uid,))
+    if gone:
+        with Transaction(db.conn) as conn:
+            if not referenced(conn, sha256):
+                db.store.remove(sha256)
+    return gone
 
 
 class EmbeddedTarget:
@@ -303,6 +332,8 @@ class EmbeddedTarget:
     into the store; catalog rows follow in the same batch. An overwritten
     file is removed only after the catalog no longer refers to it.
     """
+
+    catalog_errors: tuple[type[Exception], ...] = (sqlite3.DatabaseError,)
 
     def __init__(self, db: EmbeddedDatabase, *, owns_db: bool = False) -> None:
         self.db = db
@@ -357,9 +388,7 @@ class EmbeddedTarget:
         self._ids.clear()
 
     def _referenced(self, sha: str) -> bool:
-        return (self.conn.execute("SELECT 1 FROM instances WHERE sha256 = ? LIMIT 1", (sha,)).fetchone()
-                or self.conn.execute("SELECT 1 FROM attachments WHERE sha256 = ? LIMIT 1",
-                                     (sha,)).fetchone()) is not None
+        return referenced(self.conn, sha)
 
     def finish(self, ok: bool) -> None:
         try:
@@ -511,7 +540,7 @@ class EmbeddedTarget:
                                   (*values, rec.sop_uid))
                 self._drop_after_commit.append(stored)
                 outcome = Outcome.OVERWRITTEN
-        except sqlite3.DatabaseError as exc:
+        except self.catalog_errors as exc:
             self._rollback()
             raise DatabaseError(f"instance {rec.sop_uid}: catalog error: {exc}") from exc
         self._maybe_commit()
