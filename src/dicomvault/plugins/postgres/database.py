@@ -36,7 +36,11 @@ class PostgresDatabase(EmbeddedDatabase):
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.store = ContentStore(self.root)
         pg = self._connect()
-        self.schema_version = schema.migrate(pg, self.root, self.url)
+        try:
+            self.schema_version = schema.migrate(pg, self.root, self.url)
+        except BaseException:
+            pg.close()
+            raise
         self.conn = pg  # type: ignore[assignment]
 
     def _connect(self) -> Connection:
@@ -55,12 +59,19 @@ class PostgresDatabase(EmbeddedDatabase):
 class PostgresSource(EmbeddedSource):
     """Reads a selection from one REPEATABLE READ snapshot."""
 
-    def __init__(self, db: PostgresDatabase) -> None:  # not the embedded __init__: no SQLite file
+    def __init__(self, db: PostgresDatabase, *, owns_db: bool = False) -> None:
+        # Not the embedded __init__: there is no SQLite file to open.
         self.db = db
+        self.owns_db = owns_db  # opened for this source alone: closed with it
         self.description = f"database {db.url}"
         self.conn = db._connect()  # type: ignore[assignment]
         self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         self._picked = None
+
+    def close(self) -> None:
+        self.conn.close()
+        if self.owns_db:
+            self.db.close()
 
 
 class PostgresTarget(EmbeddedTarget):

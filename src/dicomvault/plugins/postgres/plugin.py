@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dicomvault.engine import Context, Kind, hookimpl
 
-from .database import PostgresDatabase, PostgresTarget
+from .database import PostgresDatabase, PostgresSource, PostgresTarget
 from .url import is_postgres
 
 _WHAT = "PostgreSQL catalog + shared content store (postgresql://USER@HOST:PORT/DB?store=DIR)"
@@ -17,7 +17,7 @@ def _open_db(url: str, ctx: Context) -> PostgresDatabase:
 
 
 def _open_source(url: str, ctx: Context) -> object:
-    return PostgresDatabase(url).source()
+    return PostgresSource(PostgresDatabase(url), owns_db=True)
 
 
 def _open_target(url: str, ctx: Context) -> object:
