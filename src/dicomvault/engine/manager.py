@@ -26,6 +26,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "dicomvault.plugins.ops.compare",
     "dicomvault.plugins.ops.demo",
     "dicomvault.plugins.postgres.plugin",
+    "dicomvault.plugins.orthanc.plugin",
     "dicomvault.plugins.ops.replicate",
 )
 

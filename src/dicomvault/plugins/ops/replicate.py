@@ -93,7 +93,9 @@ def _delete_confirmed(source: Source, confirmed: list[Item], report: Report, lef
     delete = source.delete  # type: ignore[attr-defined]
     moved = 0
     for item in confirmed:
-        uid, sha = item.instance.sop_uid, item.instance.sha256
+        uid = item.instance.sop_uid
+        # A source that had no digest for an instance may tell the SHA-256 of what it served.
+        sha = item.instance.sha256 or getattr(source, "served", {}).get(uid, "")
         reason = ""
         try:
             if not sha:
