@@ -120,3 +120,15 @@ def test_move_killed_at_random_points(kind: str, annotated: Path, postgres_serve
     assert verified(dst) == original  # each once: catalog() asserts there are no duplicate rows
     assert catalog(dst)["attributes"] == catalog(annotated)["attributes"]
     assert any(code == -9 for _delay, code in kills), kills  # at least some kills hit a running move
+
+
+def test_move_refuses_what_it_cannot_do(annotated: Path, tmp_path: Path) -> None:  # noqa: F811
+    src = fresh_copy(annotated, tmp_path)
+    before = verified(src)
+    res = run("--db", src, "move", "--to", f"sqlite:{src}/../src", "--whole")
+    assert res.code == 64 and "same database" in res.err
+    bkp = tmp_path / "all.bkp"
+    assert run("--db", src, "export-db", bkp, "--whole").code == 0
+    res = run("move", "--from", bkp, "--to", tmp_path / "dst", "--whole")
+    assert res.code == 64 and "cannot delete" in res.err
+    assert verified(src) == before

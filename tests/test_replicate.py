@@ -127,6 +127,16 @@ def test_schema_version_and_store_mark(postgres_server, tmp_path: Path) -> None:
     assert res.code == 2 and "is not the file store" in res.err
     res = run("--db", pg.split("?")[0], "ls")
     assert res.code == 64 and "store=DIR" in res.err
+    # A second database may not share the first one's store (each would delete the other's files).
+    store = pg.split("store=")[1]
+    (Path(store) / "store" / "ab").mkdir()
+    other = new_pg_url(postgres_server, tmp_path).split("?")[0] + f"?store={store}"
+    res = run("--db", other, "ls")
+    assert res.code == 2 and "file store of another database" in res.err
+    assert run("--db", tmp_path / "emb", "ls").code == 0  # nor an embedded database's folder
+    fresh = new_pg_url(postgres_server, tmp_path).split("?")[0]
+    res = run("--db", f"{fresh}?store={tmp_path / 'emb'}", "ls")
+    assert res.code == 2 and "is an embedded database" in res.err
 
 
 def test_two_processes_ingest_into_one_postgres(real_dicom: list[str], postgres_server,

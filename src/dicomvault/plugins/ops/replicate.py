@@ -17,6 +17,8 @@ ends "partly done".
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from dicomvault.engine import (
     Context,
@@ -65,7 +67,17 @@ def _replicate_run(ctx: Context, args: argparse.Namespace) -> Report:
     return report
 
 
+def _place(url: str) -> str:
+    """An address reduced to what names the place: a resolved path, or the URL without password and query."""
+    if "://" not in url:
+        return str(Path(url.removeprefix("sqlite:")).expanduser().resolve())
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port}{parts.path}"
+
+
 def _move_run(ctx: Context, args: argparse.Namespace) -> Report:
+    if _place(args.source or ctx.db_url) == _place(args.target):
+        raise UsageError("the source and the target of move are the same database")
     source, selection = _open(ctx, args)
     try:
         if getattr(source, "delete", None) is None:

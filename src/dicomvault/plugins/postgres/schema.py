@@ -83,7 +83,14 @@ def migrate(conn: Connection, store: Path, where: str) -> int:
 def _check_store(conn: Connection, store: Path, where: str) -> None:
     row = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
     on_disk = _store_id(store)
+    if (store / "catalog.sqlite").exists():
+        raise DatabaseError(f"{store} is an embedded database; give the PostgreSQL database a store "
+                            "of its own")
     if row is None:
+        if on_disk is not None and any((store / "store").iterdir()):
+            # Another database's store (sharing one would let each delete the other's files).
+            raise DatabaseError(f"{store} is the file store of another database; give {where} "
+                                "a store of its own")
         if on_disk is None:
             on_disk = str(uuid.uuid4())
             (store / STORE_MARK).write_text(on_disk + "\n")
