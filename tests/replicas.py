@@ -41,6 +41,8 @@ def _rows(where: str | Path) -> dict[str, list[tuple]]:
     if where.startswith("postgresql://"):
         conninfo = where.split("?", 1)[0]
         with psycopg.connect(conninfo) as conn:
+            if conn.execute("SELECT to_regclass('instances')").fetchone()[0] is None:  # type: ignore[index]
+                return {k: [] for k in CATALOG_SQL}  # no schema yet (a run killed before creating it)
             return {k: [tuple(r) for r in conn.execute(q)] for k, q in CATALOG_SQL.items()}
     with contextlib.closing(sqlite3.connect(Path(where) / "catalog.sqlite")) as conn:
         return {k: [tuple(r) for r in conn.execute(q)] for k, q in CATALOG_SQL.items()}
