@@ -18,6 +18,7 @@ one rule (README, "DICOMDIR"), and each filling is reported as a warning:
 * StudyID: ``DV`` + 8 hex digits of the Study Instance UID;
 * Modality: ``OT``; SeriesNumber: ``0``;
 * InstanceNumber: the instance's position in its series in this export;
+* several values in a single-valued record key are joined by `` / ``;
 * old ACR-NEMA forms ``1996.10.29`` / ``15:18:59`` become ``19961029`` / ``151859``.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom import Dataset
+from pydicom.datadict import dictionary_VM
 from pydicom.filebase import DicomFileLike
 from pydicom.fileset import FileInstance, FileSet, RecordNode
 from pydicom.uid import generate_uid
@@ -73,6 +75,15 @@ def fill_record_keys(ds: Dataset, patient_key: str, position: int) -> list[str]:
     return filled
 
 
+def _single_values(record: Dataset) -> None:
+    """A record element the dictionary makes single-valued but the instance
+    has several values for (``A\\B`` in a description) gets them joined by
+    `` / `` (the file itself is not changed)."""
+    for elem in record:
+        if elem.VR != "SQ" and elem.VM > 1 and dictionary_VM(elem.tag) == "1":
+            elem.value = " / ".join(str(v) for v in elem.value)
+
+
 def _trim_leaf(record: Dataset, header: Dataset) -> None:
     """pydicom copies an SR document's whole Content Sequence into its record
     (references and coordinates then fail validation) and omits the
@@ -99,6 +110,10 @@ class DicomdirBuilder:
         self.positions: dict[str, int] = {}
         self.count = 0
 
+    def close(self) -> None:
+        """Remove the staging folder pydicom's FileSet makes (we never stage)."""
+        self.fs._stage["t"].cleanup()
+
     def add(self, header: Dataset, file_id: list[str], patient_key: str) -> list[str]:
         """Add the records for one instance (``header``: its data set without
         pixel data, with file meta); returns the record keys that were filled."""
@@ -107,6 +122,8 @@ class DicomdirBuilder:
         filled = fill_record_keys(header, patient_key, position)
         records = list(self.fs._recordify(header))
         _trim_leaf(records[-1], header)
+        for record in records:
+            _single_values(record)
         parent: RecordNode = self.root
         path: tuple[str, ...] = ()
         for i, record in enumerate(records):

@@ -215,13 +215,26 @@ class FolderTarget(_Base):
         return real == self._real_root or real.startswith(self._real_root + os.sep)
 
     def _make_parent(self, dest: Path) -> None:
+        """Create the folders above ``dest`` one level at a time, refusing any
+        level that is a symbolic link or not a folder (nothing planted in
+        OUTDIR can lead the export elsewhere)."""
         parent = dest.parent
         if parent in self._dirs:
             return
-        parent.mkdir(parents=True, exist_ok=True)
-        if not self._inside(parent):  # a symbolic link planted in OUTDIR, say
+        current = self.root
+        for part in parent.relative_to(self.root).parts:
+            current = current / part
+            if current in self._dirs:
+                continue
+            try:
+                current.mkdir()
+            except FileExistsError:
+                if current.is_symlink() or not current.is_dir():
+                    raise OSError(f"{current} is a symbolic link or not a folder: it could lead outside "
+                                  "the output folder; not written") from None
+            self._dirs.add(current)
+        if not self._inside(parent):
             raise OSError(f"{parent} leads outside the output folder; not written")
-        self._dirs.add(parent)
 
     def destination(self, rel: list[str]) -> Path:
         dest = self.root.joinpath(*rel)
@@ -363,6 +376,8 @@ class FolderTarget(_Base):
                 finally:
                     os.close(fd)
         finally:
+            if self.builder is not None:
+                self.builder.close()
             staging = self._staging
             if staging is not None:
                 for leftover in staging.iterdir():

@@ -129,6 +129,8 @@ class ZipTarget(_Base):
             os.replace(self.part, self.final)
             self.zf = None
         finally:
+            if self.builder is not None:
+                self.builder.close()
             if self.zf is not None:
                 self.zf.close()
             self.part.unlink(missing_ok=True)
