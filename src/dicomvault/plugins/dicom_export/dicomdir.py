@@ -25,14 +25,22 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom import Dataset
 from pydicom.datadict import dictionary_VM
 from pydicom.filebase import DicomFileLike
-from pydicom.fileset import FileInstance, FileSet, RecordNode
-from pydicom.uid import generate_uid
+from pydicom.fileset import (
+    _FOUR_LEVEL_SOP_CLASSES,
+    _SINGLE_LEVEL_SOP_CLASSES,
+    FileInstance,
+    FileSet,
+    RecordNode,
+)
+from pydicom.uid import UID, generate_uid
 
 from . import naming
 
@@ -98,6 +106,19 @@ def _trim_leaf(record: Dataset, header: Dataset) -> None:
                 record.VerificationDateTime = when
 
 
+@dataclass(frozen=True)
+class Leaf:
+    """What the source's records say about one instance."""
+
+    sop_uid: str
+    sop_class: str
+    series_uid: str
+    modality: str
+    number: int | None
+    transfer_syntax: str
+    patient_key: str
+
+
 class DicomdirBuilder:
     """Collects one record chain per instance; writes the DICOMDIR at the end."""
 
@@ -108,18 +129,52 @@ class DicomdirBuilder:
         self.root = self.fs._tree
         self.nodes: dict[tuple[str, ...], RecordNode] = {}
         self.positions: dict[str, int] = {}
+        self.series: dict[str, tuple[RecordNode, Any]] = {}  # series UID -> (node, character set)
         self.count = 0
 
     def close(self) -> None:
         """Remove the staging folder pydicom's FileSet makes (we never stage)."""
         self.fs._stage["t"].cleanup()
 
-    def add(self, header: Dataset, file_id: list[str], patient_key: str) -> list[str]:
-        """Add the records for one instance (``header``: its data set without
-        pixel data, with file meta); returns the record keys that were filled."""
-        series_uid = str(header.get("SeriesInstanceUID", ""))
-        position = self.positions[series_uid] = self.positions.get(series_uid, 0) + 1
-        filled = fill_record_keys(header, patient_key, position)
+    def add(self, leaf: Leaf, file_id: list[str], load: Callable[[], Dataset]) -> list[str]:
+        """Add the records for one instance; returns the record keys that were
+        filled by rule. ``load()`` gives the instance's data set without
+        pixel data (file meta included); it is called only when pydicom's
+        recorders need it: for the first instance of a series (PATIENT,
+        STUDY and SERIES records, and the character set) and for leaves
+        other than IMAGE. Later IMAGE leaves of a known series are made from
+        the source's records, which hold the same values."""
+        position = self.positions[leaf.series_uid] = self.positions.get(leaf.series_uid, 0) + 1
+        known = self.series.get(leaf.series_uid)
+        sop_class = UID(leaf.sop_class)
+        if known is not None and _FOUR_LEVEL_SOP_CLASSES.get(sop_class) == "IMAGE" \
+                and leaf.modality not in ("RTINTENT", "RTSEGANN", "RTRAD", "PLAN") \
+                and sop_class not in _SINGLE_LEVEL_SOP_CLASSES:
+            series_node, charset = known
+            record = Dataset()
+            filled = []
+            if leaf.number is None:
+                filled.append("InstanceNumber")
+            record.InstanceNumber = leaf.number if leaf.number is not None else position
+            record.OffsetOfTheNextDirectoryRecord = 0
+            record.RecordInUseFlag = 0xFFFF
+            record.OffsetOfReferencedLowerLevelDirectoryEntity = 0
+            record.DirectoryRecordType = "IMAGE"
+            if charset is not None:
+                record.SpecificCharacterSet = charset
+            record.ReferencedFileID = list(file_id)
+            record.ReferencedSOPClassUIDInFile = leaf.sop_class
+            record.ReferencedSOPInstanceUIDInFile = leaf.sop_uid
+            record.ReferencedTransferSyntaxUIDInFile = leaf.transfer_syntax
+            node = RecordNode(record)
+            node._parent = series_node
+            series_node.children.append(node)
+            node.instance = FileInstance(node)
+            self.count += 1
+            return filled
+        header = load()
+        header.file_meta.TransferSyntaxUID = UID(leaf.transfer_syntax)
+        filled = fill_record_keys(header, leaf.patient_key, position)
         records = list(self.fs._recordify(header))
         _trim_leaf(records[-1], header)
         for record in records:
@@ -127,20 +182,22 @@ class DicomdirBuilder:
         parent: RecordNode = self.root
         path: tuple[str, ...] = ()
         for i, record in enumerate(records):
-            leaf = i == len(records) - 1
+            is_leaf = i == len(records) - 1
             node = RecordNode(record)
             path = (*path, node.key)
-            if not leaf and path in self.nodes:
+            if not is_leaf and path in self.nodes:
                 parent = self.nodes[path]
                 continue
             node._parent = parent
             parent.children.append(node)
-            if leaf:
+            if is_leaf:
                 record.ReferencedFileID = list(file_id)
                 node.instance = FileInstance(node)
             else:
                 self.nodes[path] = node
             parent = node
+        if len(records) == 4 and records[2].DirectoryRecordType == "SERIES":
+            self.series.setdefault(leaf.series_uid, (parent.parent, header.get("SpecificCharacterSet")))
         self.count += 1
         return filled
 

@@ -35,7 +35,7 @@ from dicomvault.engine import (
 )
 
 from . import convert
-from .dicomdir import DicomdirBuilder
+from .dicomdir import DicomdirBuilder, Leaf
 from .layout import DEFAULT_TEMPLATE, DICOMDIR_TEMPLATE, Layout
 
 CHUNK = 1 << 20
@@ -69,7 +69,6 @@ class Prepared:
     path: Path
     sha256: str  # of the exported bytes
     size: int
-    header: Dataset | None
     converted_from: str
 
 
@@ -92,6 +91,13 @@ def _verify(item: Item, sha: str) -> None:
 
 def read_header(fh: BinaryIO) -> Dataset:
     return dcmread(fh, stop_before_pixels=True, force=True)
+
+
+def header_loader(path: Path) -> Callable[[], Dataset]:
+    def load() -> Dataset:
+        with open(path, "rb") as fh:
+            return read_header(fh)
+    return load
 
 
 class ExportError(DicomvaultError):
@@ -140,7 +146,7 @@ class _Base:
         return Outcome.CONFLICT, "the selection holds two different instances with this UID"
 
     def _record(self, item: Item, rel: list[str], sha: str, size: int, source_sha: str,
-                header: Dataset | None, converted_from: str) -> None:
+                load: Callable[[], Dataset], converted_from: str) -> None:
         rec = item.instance
         self.held[rec.sop_uid] = source_sha
         self.entries[rec.sop_uid] = {
@@ -148,11 +154,12 @@ class _Base:
             "transfer_syntax": convert.ExplicitVRLittleEndian if converted_from else rec.transfer_syntax,
             "converted_from": converted_from or None,
             "study_uid": item.study.study_uid, "series_uid": item.series.series_uid}
-        if self.builder is not None and header is not None:
-            if converted_from:
-                header.file_meta.TransferSyntaxUID = convert.ExplicitVRLittleEndian
+        if self.builder is not None:
+            ts = convert.ExplicitVRLittleEndian if converted_from else rec.transfer_syntax
+            leaf = Leaf(rec.sop_uid, rec.sop_class_uid, item.series.series_uid, item.series.modality,
+                        rec.number, ts, item.patient.key)
             try:
-                filled = self.builder.add(header, rel, item.patient.key)
+                filled = self.builder.add(leaf, rel, load)
             except (ValueError, KeyError, AttributeError) as exc:
                 self.warnings.append(f"instance {rec.sop_uid}: exported but not in the DICOMDIR: "
                                      f"{' '.join(str(exc).split())}")
@@ -254,7 +261,6 @@ class FolderTarget(_Base):
                 os.fsync(out.fileno())
         try:
             _verify(item, source_sha)
-            header = None
             if self.builder is not None:
                 if convert.needs_conversion(item.instance.transfer_syntax):
                     conv = tmp.with_suffix(".conv")
@@ -263,9 +269,7 @@ class FolderTarget(_Base):
                     os.replace(conv, tmp)
                     with open(tmp, "rb") as fh:
                         sha, size, _ = copy_hashed(fh, _Null())
-                with open(tmp, "rb") as fh:
-                    header = read_header(fh)
-            prepared = Prepared(tmp, sha, size, header, converted_from)
+            prepared = Prepared(tmp, sha, size, converted_from)
             prepared.source_sha = source_sha  # type: ignore[attr-defined]
             return prepared
         except (DicomvaultError, OSError):
@@ -310,7 +314,7 @@ class FolderTarget(_Base):
                     return Outcome.CONFLICT, f"{'/'.join(rel)} exists and is not a plain file; left untouched"
                 if self._existing(dest, prepared.sha256):
                     self._record(item, rel, prepared.sha256, prepared.size,
-                                 getattr(prepared, "source_sha", prepared.sha256), prepared.header,
+                                 getattr(prepared, "source_sha", prepared.sha256), header_loader(dest),
                                  prepared.converted_from)
                     return Outcome.UNCHANGED, ""
                 if mode == "overwrite":
@@ -324,7 +328,7 @@ class FolderTarget(_Base):
             os.replace(prepared.path, dest)
             self.touched = True
             self._record(item, rel, prepared.sha256, prepared.size,
-                         getattr(prepared, "source_sha", prepared.sha256), prepared.header,
+                         getattr(prepared, "source_sha", prepared.sha256), header_loader(dest),
                          prepared.converted_from)
             return outcome, ""
         finally:

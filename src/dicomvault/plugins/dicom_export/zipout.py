@@ -14,6 +14,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from pydicom import Dataset
+
 from dicomvault.engine import ConflictPolicy, DicomvaultError, Item, Outcome, UsageError
 
 from . import convert
@@ -93,7 +95,7 @@ class ZipTarget(_Base):
         with tempfile.SpooledTemporaryFile(SPOOL) as spool, item.open() as src:
             sha, size, source_sha = copy_hashed(src, spool)
             _verify(item, source_sha)
-            converted_from, header = "", None
+            converted_from = ""
             spool.seek(0)
             if self.builder is not None and convert.needs_conversion(item.instance.transfer_syntax):
                 conv = tempfile.SpooledTemporaryFile(SPOOL)
@@ -102,14 +104,16 @@ class ZipTarget(_Base):
                 spool = conv
                 spool.seek(0)
                 sha, size, _ = copy_hashed(spool, _Sink())  # type: ignore[arg-type]
-            if self.builder is not None:
-                spool.seek(0)
-                header = read_header(spool)  # type: ignore[arg-type]
             rel = self.layout.path(item)
             spool.seek(0)
             self._entry("/".join(rel), spool, size)  # type: ignore[arg-type]
+
+            def load() -> Dataset:
+                spool.seek(0)
+                return read_header(spool)  # type: ignore[arg-type]
+
+            self._record(item, rel, sha, size, source_sha, load, converted_from)
             spool.close()
-        self._record(item, rel, sha, size, source_sha, header, converted_from)
         return Outcome.STORED, ""
 
     def finish(self, ok: bool) -> None:
