@@ -28,6 +28,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "dicomvault.plugins.postgres.plugin",
     "dicomvault.plugins.orthanc.plugin",
     "dicomvault.plugins.ops.replicate",
+    "dicomvault.plugins.dicom_export.plugin",
 )
 
 
