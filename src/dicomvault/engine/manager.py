@@ -25,6 +25,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "dicomvault.plugins.ops.plugins_cmd",
     "dicomvault.plugins.ops.compare",
     "dicomvault.plugins.ops.demo",
+    "dicomvault.plugins.dimse.plugin",
 )
 
 
