@@ -64,7 +64,8 @@ class Association:
         self.proposed = proposed
         self.accepted = accepted
         # fragments of even length: DICOM values are even, and some servers refuse odd fragments
-        self.fragment = (min(accepted.max_pdu - 6, FRAGMENT_CAP) if accepted.max_pdu > 16 else FRAGMENT_CAP) & ~1
+        limit = accepted.max_pdu - 6 if accepted.max_pdu > 16 else FRAGMENT_CAP
+        self.fragment = min(limit, FRAGMENT_CAP) & ~1
         self.by_pair: dict[tuple[str, str], int] = {}
         self.refused: dict[str, str] = {}  # SOP class -> why no context for it was accepted
         for cid, (abstract, _syntaxes) in proposed.items():
@@ -99,6 +100,7 @@ class Association:
                                           [(cid, a, s) for cid, (a, s) in proposed.items()], peer.max_pdu))
             kind, body = _read_pdu(sock)
         except ssl.SSLError as exc:
+            _close(sock)
             raw.close()
             raise AssociationError(f"TLS handshake with {peer.host}:{peer.port} failed: "
                                    f"{exc.reason or exc}", permanent=True) from exc

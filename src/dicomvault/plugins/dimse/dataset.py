@@ -16,40 +16,68 @@ class NotSendable(Exception):
     """The file cannot be sent as it is (no data set, cannot be converted)."""
 
 
-def dataset_offset(fh: BinaryIO) -> tuple[int, dict[int, str]]:
-    """Offset of the data set in ``fh`` and the file meta UIDs by element
-    (0x0002: SOP class, 0x0003: SOP instance, 0x0010: transfer syntax).
-    Leaves ``fh`` at the offset. A raw data set (no meta) starts at 0."""
-    head = fh.read(132)
+HEAD_WINDOW = 1 << 16
+
+
+class Rest:
+    """The data set as a stream: what is left of the head window, then the file."""
+
+    def __init__(self, head: bytes, offset: int, fh: BinaryIO) -> None:
+        self.head = memoryview(head)[offset:]
+        self.fh = fh
+
+    def read(self, n: int) -> bytes | memoryview:
+        if self.head:
+            out, self.head = self.head[:n], self.head[n:]
+            return out
+        return self.fh.read(n)
+
+
+def read_head(fh: BinaryIO) -> tuple[bytes, int, dict[int, str]]:
+    """Reads (forward only: .bkp streams cannot seek) the first bytes of a
+    stored file; returns them, the offset of the data set in them (after the
+    Part 10 preamble and file meta; 0 for a raw data set) and the file meta
+    UIDs by element (0x0002 SOP class, 0x0003 SOP instance, 0x0010 transfer syntax)."""
+    parts = []
+    got = 0
+    while got < HEAD_WINDOW:
+        chunk = fh.read(HEAD_WINDOW - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    head = b"".join(parts)
     pos = 132 if head[128:132] == b"DICM" else 0
     meta: dict[int, str] = {}
-    fh.seek(pos)
-    while True:
-        tag = fh.read(6)
-        if len(tag) < 6:
-            break
-        group, element = struct.unpack("<HH", tag[:4])
+    while pos + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, pos)
         if group != 0x0002:
             break
-        vr = tag[4:6]
+        vr = head[pos + 4:pos + 6]
         if vr in _LONG_VRS:
-            length = struct.unpack("<xxI", fh.read(6))[0]
-            hdr = 12
+            length = struct.unpack_from("<I", head, pos + 8)[0]
+            start = pos + 12
         else:
-            length = struct.unpack("<H", fh.read(2))[0]
-            hdr = 8
-        value = fh.read(length)
-        if len(value) < length:
-            raise NotSendable("the file meta information is truncated")
+            length = struct.unpack_from("<H", head, pos + 6)[0]
+            start = pos + 8
+        if start + length > len(head):
+            raise NotSendable("the file meta information is truncated (or longer than 64 KiB)")
         if element in (0x0002, 0x0003, 0x0010):
-            meta[element] = value.decode("ascii", "replace").rstrip("\0 ")
-        pos += hdr + length
-    fh.seek(pos)
-    return pos, meta
+            meta[element] = head[start:start + length].decode("ascii", "replace").rstrip("\0 ")
+        pos = start + length
+    return head, pos, meta
+
+
+def dataset_offset(fh: BinaryIO) -> tuple[int, dict[int, str]]:
+    """Offset of the data set in a seekable file and its meta UIDs; leaves
+    ``fh`` at the offset."""
+    _head, offset, meta = read_head(fh)
+    fh.seek(offset)
+    return offset, meta
 
 
 def converted(fh: BinaryIO, transfer_syntax: str) -> bytes:
-    """The data set re-encoded losslessly in ``transfer_syntax`` (explicit or
+    """The data set of the whole file ``fh`` re-encoded losslessly in ``transfer_syntax`` (explicit or
     implicit VR little endian): compressed pixel data is decoded with
     pydicom's decoders; nothing is ever re-compressed."""
     import pydicom
@@ -57,7 +85,6 @@ def converted(fh: BinaryIO, transfer_syntax: str) -> bytes:
     from pydicom.filewriter import write_dataset
     from pydicom.uid import UID
 
-    fh.seek(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -9,6 +9,8 @@ cleanly); any other status, a timeout, an abort or a refused association is
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import queue
 import threading
@@ -21,7 +23,7 @@ from dicomvault.engine import AttachmentRecord, Attributes, ConflictPolicy, Item
 from . import status
 from .association import Association, AssociationError, ChecksumMismatch, LinkError, Peer
 from .contexts import ContextPlan
-from .dataset import NATIVE, UNCOMPRESSED, NotSendable, converted, dataset_offset
+from .dataset import NATIVE, UNCOMPRESSED, NotSendable, Rest, converted, read_head
 
 log = logging.getLogger("dicomvault.cstore")
 
@@ -129,7 +131,7 @@ class DicomTarget:
         rec = item.instance
         try:
             with item.open() as fh:
-                offset, meta = dataset_offset(fh)
+                head, offset, meta = read_head(fh)
                 sop_class = rec.sop_class_uid or meta.get(0x0002, "")
                 ts = meta.get(0x0010) or rec.transfer_syntax or UNCOMPRESSED[1]
                 if not sop_class:
@@ -140,38 +142,31 @@ class DicomTarget:
                     return Outcome.FAILED, assoc
                 cid = assoc.context_for(sop_class, ts)
                 if cid is not None:
-                    prefix = b""
-                    if rec.sha256:
-                        fh.seek(0)
-                        prefix = fh.read(offset)
-                    code, comment = assoc.store(cid, sop_class, rec.sop_uid, fh, prefix, rec.sha256)
+                    code, comment = assoc.store(cid, sop_class, rec.sop_uid, Rest(head, offset, fh),  # type: ignore[arg-type]
+                                                head[:offset], rec.sha256)
                     note = ""
-                else:
-                    plain = [t for t in UNCOMPRESSED if assoc.context_for(sop_class, t) is not None]
-                    if not plain:
-                        why = assoc.refused.get(sop_class, "not accepted")
-                        return Outcome.FAILED, (f"the server accepted no presentation context for SOP class "
-                                                f"{sop_class} ({why})")
-                    if not self.options.transcode:
-                        return Outcome.FAILED, (f"the server does not accept transfer syntax {ts} for SOP "
-                                                f"class {sop_class} and --transcode is never; not sent")
-                    if rec.sha256:
-                        import hashlib
-
-                        fh.seek(0)
-                        digest = hashlib.sha256()
-                        while chunk := fh.read(1 << 20):
-                            digest.update(chunk)
-                        if digest.hexdigest() != rec.sha256:
-                            return Outcome.FAILED, ("the bytes read do not match their SHA-256 (stored copy "
-                                                    "damaged?); not sent")
-                    data = converted(fh, plain[0])
-                    code, comment = assoc.store(assoc.context_for(sop_class, plain[0]) or 0, sop_class,
-                                                rec.sop_uid, data)
-                    with self._lock:
-                        self.stats["converted"] += 1
-                    kind = "decompressed" if ts not in NATIVE else "converted"
-                    note = f"{kind} from {ts} to {plain[0]} (the server does not take {ts})"
+            if cid is None:
+                plain = [t for t in UNCOMPRESSED if assoc.context_for(sop_class, t) is not None]
+                if not plain:
+                    why = assoc.refused.get(sop_class, "not accepted")
+                    return Outcome.FAILED, (f"the server accepted no presentation context for SOP class "
+                                            f"{sop_class} ({why})")
+                if not self.options.transcode:
+                    return Outcome.FAILED, (f"the server does not accept transfer syntax {ts} for SOP "
+                                            f"class {sop_class} and --transcode is never; not sent")
+                with item.open() as fh:
+                    whole = fh.read()
+                if rec.sha256 and hashlib.sha256(whole).hexdigest() != rec.sha256:
+                    return Outcome.FAILED, ("the bytes read do not match their SHA-256 (stored copy "
+                                            "damaged?); not sent")
+                data = converted(io.BytesIO(whole), plain[0])
+                del whole
+                code, comment = assoc.store(assoc.context_for(sop_class, plain[0]) or 0, sop_class,
+                                            rec.sop_uid, data)
+                with self._lock:
+                    self.stats["converted"] += 1
+                kind = "decompressed" if ts not in NATIVE else "converted"
+                note = f"{kind} from {ts} to {plain[0]} (the server does not take {ts})"
         except (LinkError, ChecksumMismatch, NotSendable) as exc:
             return Outcome.FAILED, str(exc)
         verdict = status.verdict(code)
