@@ -351,3 +351,20 @@ def test_tls(cli, db, pydicom_files, tmp_path):  # type: ignore[no-untyped-def]
                    "--tls-ca", pki["ca"], "--retries", "0")
     assert res2.code == 2
     assert res2.json()["counts"]["instance"] == {"failed": 3}
+
+
+def test_parallel_to_a_server_taking_one_association_still_sends_all(  # type: ignore[no-untyped-def]
+        cli, db, pydicom_files, tmp_path):
+    from peers import storescp
+
+    uids = craft(pydicom_files / "CT_small.dcm", tmp_path / "in", 20)
+    _import(cli, tmp_path / "in")
+    with storescp(tmp_path / "scp") as scp:  # no --fork: one association at a time
+        res = cli("cstore", "--json", "--to", f"{scp.aet}@127.0.0.1:{scp.port}", "--whole",
+                  "--associations", "2", "--timeout-acse", "1")
+        received = {p.name.split(".", 1)[1] for p in scp.received.iterdir()}
+    report = res.json()
+    assert res.code == 0, res.out
+    assert report["counts"]["instance"] == {"stored": 20}
+    assert received == set(uids)
+    assert report["details"]["associations the server did not take"] == 1

@@ -161,6 +161,8 @@ def _run(ctx: Context, args: argparse.Namespace) -> Report:
     report.details["from"] = source.description
     report.details["to"] = target.description
     report.details["associations"] = target.stats["associations"]
+    if target.stats["given up"]:
+        report.details["associations the server did not take"] = target.stats["given up"]
     if target.stats["converted"]:
         report.details["converted"] = target.stats["converted"]
     if report.seconds:

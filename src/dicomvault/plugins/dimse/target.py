@@ -15,13 +15,13 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dicomvault.engine import AttachmentRecord, Attributes, ConflictPolicy, Item, Opener, Outcome
 
 from . import status
-from .association import Association, AssociationError, ChecksumMismatch, LinkError, Peer
+from .association import Association, AssociationError, ChecksumMismatch, LinkError, Peer, Timeouts
 from .contexts import ContextPlan
 from .dataset import NATIVE, UNCOMPRESSED, NotSendable, Rest, converted, read_head
 
@@ -34,6 +34,15 @@ class SendOptions:
     associations: int = 1
     retries: int = 3  # further attempts when an association cannot be made (not after a permanent refusal)
     retry_wait: float = 1.0  # first wait; doubled after each attempt, at most 30 s
+
+
+class _Busy(Exception):
+    """An extra parallel association was not answered while another one is
+    open: the server takes fewer associations at a time (DCMTK storescp
+    without --fork takes one). The slot is given up, the item goes on another."""
+
+
+EXTRA_ACSE_TIMEOUT = 5.0
 
 
 class _Slot:
@@ -56,22 +65,29 @@ class DicomTarget:
         self.plan = plan or ContextPlan()
         self.description = f"DICOM server {peer}" + (" (TLS)" if peer.tls else "")
         self._slots: queue.Queue[_Slot] = queue.Queue()
-        for _ in range(max(1, options.associations)):
-            self._slots.put(_Slot())
+        self._all = [_Slot() for _ in range(max(1, options.associations))]
+        for slot in self._all:
+            self._slots.put(slot)
         self._lock = threading.Lock()
         self._broken: dict[tuple[int, int], str] = {}  # (group, version) -> why no association
-        self.stats = {"associations": 0, "converted": 0}
+        self.stats = {"associations": 0, "converted": 0, "given up": 0}
 
     # ------------------------------------------------------------------ Target
     def lookup(self, sop_uid: str) -> str | None:
         return None  # a C-STORE SCP cannot be asked; the server itself decides about duplicates
 
     def put_instance(self, item: Item, policy: ConflictPolicy) -> tuple[Outcome, str]:
-        slot = self._slots.get()
-        try:
-            return self._send(slot, item)
-        finally:
+        while True:
+            slot = self._slots.get()
+            try:
+                result = self._send(slot, item)
+            except _Busy:
+                with self._lock:
+                    self.stats["given up"] += 1
+                log.info("%s did not take one more association; going on with fewer", self.peer)
+                continue  # this slot is not given back: one parallel association fewer
             self._slots.put(slot)
+            return result
 
     def put_attributes(self, attrs: Attributes, policy: ConflictPolicy) -> tuple[Outcome, str]:
         return Outcome.IGNORED, "a DICOM server keeps no database attributes"
@@ -106,6 +122,22 @@ class DicomTarget:
         with self._lock:
             if (group, version) in self._broken:
                 return self._broken[(group, version)]
+            others = any(s is not slot and s.assoc is not None and s.assoc.alive for s in self._all)
+        if others:
+            # One more parallel association: asked once, with a short ACSE timeout; a server
+            # that takes fewer associations does not fail the instance.
+            t = self.peer.timeouts
+            quick = replace(self.peer, timeouts=Timeouts(t.network, min(t.acse, EXTRA_ACSE_TIMEOUT), t.dimse))
+            try:
+                slot.assoc = Association.open(quick, self.plan.contexts(group))
+            except AssociationError as exc:
+                if not exc.permanent:
+                    raise _Busy() from exc
+            else:
+                slot.group, slot.version = group, version
+                with self._lock:
+                    self.stats["associations"] += 1
+                return slot.assoc
         wait = self.options.retry_wait
         for attempt in range(self.options.retries + 1):
             try:
