@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeat):
             loads.append(load())
             runs["dcmsend"].append(timed("dcmsend", ["dcmsend", "-q", "-aec", "STORESCP", "+sd", "+r", "-nuc",
-                                                     "127.0.0.1", str(port), str(src)]))
+                                                     "127.0.0.1", str(port), str(src)],
+                                           {**os.environ, "TCP_NODELAY": "1"}))
             runs["dicomvault x1"].append(timed("dicomvault", [*dv, "-q", "cstore", "--to",
                                                               f"STORESCP@127.0.0.1:{port}", "--whole"], env))
             runs[parallel].append(timed(

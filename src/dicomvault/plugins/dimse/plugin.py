@@ -59,31 +59,46 @@ def tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLCon
 
 
 class _Planned:
-    """The selection, read once ahead so that presentation contexts can be
-    planned; items come out grouped by association, and stop coming when
-    Ctrl-C is pressed (what is in flight still gets its outcome)."""
+    """The selection, scanned once ahead (records only, memory stays flat) so
+    that presentation contexts can be planned; then read again once per
+    association group, so each group's instances go out together. Stops
+    handing out items when Ctrl-C is pressed (those in flight still get
+    their outcome)."""
 
     def __init__(self, source: Source, selection: Selection) -> None:
+        self.source = source
         self.description = source.description
-        self.items: list[Item | Rejected] = list(source.instances(selection))
-        self.plan = ContextPlan(sorted({(it.instance.sop_class_uid, it.instance.transfer_syntax)
-                                        for it in self.items if isinstance(it, Item)
-                                        and it.instance.sop_class_uid and it.instance.transfer_syntax}))
-        if len(self.plan) > 1:
-            def group(it: Item | Rejected) -> int:
-                if isinstance(it, Rejected) or it.instance.sop_class_uid not in self.plan.group_of:
-                    return -1
-                return self.plan.group_of[it.instance.sop_class_uid]
-            self.items.sort(key=group)
+        pairs = set()
+        self.total = 0
+        for it in source.instances(selection):
+            if isinstance(it, Item):
+                self.total += 1
+                if it.instance.sop_class_uid and it.instance.transfer_syntax:
+                    pairs.add((it.instance.sop_class_uid, it.instance.transfer_syntax))
+        self.plan = ContextPlan(sorted(pairs))
         self.stop = threading.Event()
-        self.left = 0
+        self.sent = 0
+
+    @property
+    def left(self) -> int:
+        return self.total - self.sent
 
     def instances(self, selection: Selection) -> Iterator[Item | Rejected]:
-        for n, it in enumerate(self.items):
-            if self.stop.is_set():
-                self.left = len(self.items) - n
-                return
-            yield it
+        groups = len(self.plan)
+        for group in range(max(groups, 1)):
+            for it in self.source.instances(selection):
+                if self.stop.is_set():
+                    return
+                if isinstance(it, Rejected):
+                    if group == 0:
+                        yield it
+                    continue
+                # unknown classes (no record of it) go with the first pass; sent as found
+                mine = self.plan.group_of.get(it.instance.sop_class_uid, 0)
+                if groups > 1 and mine != group:
+                    continue
+                self.sent += 1
+                yield it
 
     def attributes(self, selection: Selection) -> Iterator[Attributes]:
         return iter(())
@@ -150,7 +165,7 @@ def _run(ctx: Context, args: argparse.Namespace) -> Report:
             previous = signal.signal(signal.SIGINT, interrupted)
         try:
             report = transfer(ctx, planned, target, selection, operation="cstore",
-                              total=sum(isinstance(it, Item) for it in planned.items))
+                              total=planned.total)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)

@@ -69,6 +69,9 @@ class DicomTarget:
         for slot in self._all:
             self._slots.put(slot)
         self._lock = threading.Lock()
+        # Associations are opened one at a time: a slot deciding whether it is an *extra*
+        # association must see the ones being opened, not only those already open.
+        self._opening = threading.Lock()
         self._broken: dict[tuple[int, int], str] = {}  # (group, version) -> why no association
         self.stats = {"associations": 0, "converted": 0, "given up": 0}
 
@@ -119,6 +122,10 @@ class DicomTarget:
         if slot.assoc is not None:
             slot.assoc.release()
             slot.assoc = None
+        with self._opening:
+            return self._open(slot, group, version)
+
+    def _open(self, slot: _Slot, group: int, version: int) -> Association | str:
         with self._lock:
             if (group, version) in self._broken:
                 return self._broken[(group, version)]
