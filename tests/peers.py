@@ -47,10 +47,15 @@ class StoreSCP:
 
 
 @contextmanager
-def storescp(workdir: Path, aet: str = "STORESCP") -> Iterator[StoreSCP]:
-    """DCMTK storescp accepting every SOP class and transfer syntax."""
+def storescp(workdir: Path, aet: str = "STORESCP", args: str = "") -> Iterator[StoreSCP]:
+    """DCMTK storescp accepting every SOP class and transfer syntax; ``args``:
+    extra storescp options (e.g. ``+B``: write what arrives byte for byte)."""
     require("storescp", "echoscu")
-    _run("bash", TOOLS / "storescp-start.sh", workdir, "", aet)  # "": a free port
+    res = subprocess.run(["bash", str(TOOLS / "storescp-start.sh"), str(workdir), "", aet],  # "": a free port
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "STORESCP_ARGS": args})
+    if res.returncode != 0:
+        raise RuntimeError(f"storescp did not start: {res.stderr[-2000:]}")
     env = _env_file(workdir / "env")
     try:
         yield StoreSCP(int(env["STORESCP_PORT"]), env["STORESCP_AET"], workdir / "in",

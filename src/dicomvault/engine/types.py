@@ -190,6 +190,9 @@ class Outcome(enum.Enum):
     FAILED = "failed"  # should have worked and did not (I/O, checksum)
     WOULD_STORE = "would-store"  # dry run
     WOULD_OVERWRITE = "would-overwrite"  # dry run
+    # Kept by a DICOM server that answered with a warning status (coercion, elements discarded...):
+    # not a problem, but not "stored" either, so nothing that deletes after a verified copy counts it.
+    STORED_WITH_WARNING = "stored-with-warning"
 
     @property
     def is_problem(self) -> bool:
@@ -236,8 +239,10 @@ class Report(msgspec.Struct, kw_only=True):
     def add(self, what: str, outcome: Outcome, item: str = "", reason: str = "", size: int = 0) -> None:
         per = self.counts.setdefault(what, {})
         per[outcome.value] = per.get(outcome.value, 0) + 1
-        if outcome in (Outcome.STORED, Outcome.OVERWRITTEN):
+        if outcome in (Outcome.STORED, Outcome.OVERWRITTEN, Outcome.STORED_WITH_WARNING):
             self.bytes += size
+        if outcome is Outcome.STORED_WITH_WARNING:
+            self.warnings.append(f"{what} {item}: {reason or 'stored with a warning'}")
         if outcome.is_problem:
             self.problems.append(Problem(item, what, outcome.value, reason))
 
@@ -248,7 +253,7 @@ class Report(msgspec.Struct, kw_only=True):
     @property
     def done(self) -> int:
         good = (Outcome.STORED, Outcome.UNCHANGED, Outcome.OVERWRITTEN,
-                Outcome.WOULD_STORE, Outcome.WOULD_OVERWRITE)
+                Outcome.WOULD_STORE, Outcome.WOULD_OVERWRITE, Outcome.STORED_WITH_WARNING)
         return sum(self.count(o) for o in good)
 
     @property
