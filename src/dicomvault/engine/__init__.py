@@ -18,6 +18,7 @@ from .errors import (
     UnsupportedFeatureError,
     UnsupportedVersionError,
     UsageError,
+    VolumeSetError,
 )
 from .hookspecs import hookimpl
 from .interfaces import Database, Kind, Operation, Source, Target, TreeNode
@@ -49,6 +50,6 @@ __all__ = [
     "Kind", "Level", "NotABackupError", "Opener", "Operation", "Outcome", "PatientRecord",
     "PluginError", "Rejected", "Report", "Selection", "SeriesRecord", "Source", "StudyRecord",
     "Target", "TreeNode", "TruncatedError", "UnsupportedFeatureError", "UnsupportedVersionError",
-    "UsageError", "default_database_url", "hookimpl", "make_plugin_manager", "patient_key",
+    "UsageError", "VolumeSetError", "default_database_url", "hookimpl", "make_plugin_manager", "patient_key",
     "transfer",
 ]

@@ -29,6 +29,7 @@ class Context:
         self.json_output = json_output
         self.quiet = quiet
         self.force = False  # replace existing output files (``--force``)
+        self.volume_size: int | None = None  # split a .bkp output into volumes (``--volume-size``)
         self.item_lines = True  # print one line per problem item (the demo summarises instead)
         self._databases: list[Database] = []
 

@@ -69,3 +69,8 @@ class UnsupportedFeatureError(FormatError):
 
 class CorruptError(FormatError):
     """The structure is inconsistent (bad lengths, bad references)."""
+
+
+class VolumeSetError(FormatError):
+    """A volume set is incomplete or mixed: a volume is missing, belongs to
+    another set, or does not stand where its name says."""

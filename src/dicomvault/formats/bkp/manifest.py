@@ -20,7 +20,9 @@ from dicomvault.engine import (
 
 # Features this release can read. A file that lists another one under
 # required_features is refused with a message naming it.
-KNOWN_FEATURES: frozenset[str] = frozenset()
+# "volumes": the file is one volume of a set (SPEC.md section "Volumes";
+# the set logic is in volumes.py).
+KNOWN_FEATURES: frozenset[str] = frozenset({"volumes"})
 
 
 class FrameEntry(msgspec.Struct, array_like=True, frozen=True):
@@ -51,6 +53,14 @@ class AttachmentEntry(msgspec.Struct, frozen=True):
     blob: Blob
 
 
+class Volume(msgspec.Struct, kw_only=True):
+    """Where a file stands in a volume set (SPEC.md section "Volumes")."""
+
+    set_id: str  # 32 lowercase hex digits, the same in every volume of the set
+    index: int  # 1-based
+    last: bool = False  # true on the final volume only
+
+
 class Manifest(msgspec.Struct, kw_only=True):
     format: str = "dicomvault-bkp"
     major: int
@@ -66,6 +76,9 @@ class Manifest(msgspec.Struct, kw_only=True):
     instances: list[InstanceEntry] = msgspec.field(default_factory=list)
     attributes: list[Attributes] = msgspec.field(default_factory=list)
     attachments: list[AttachmentEntry] = msgspec.field(default_factory=list)
+    # Absent (not even written as nil) in a file that is not a volume, so such
+    # files are byte for byte what a writer without volumes produces.
+    volume: Volume | msgspec.UnsetType = msgspec.UNSET
 
 
 encoder = msgspec.msgpack.Encoder()
