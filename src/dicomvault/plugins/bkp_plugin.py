@@ -27,7 +27,18 @@ from dicomvault.engine import (
     hookimpl,
 )
 from dicomvault.formats.bkp.manifest import AttachmentEntry, Blob, InstanceEntry, Manifest
-from dicomvault.formats.bkp.reader import BkpReader
+from dicomvault.formats.bkp.volumes import (
+    OpenVolume,
+    Part,
+    Record,
+    VolumeSetWriter,
+    VolumeSizeError,
+    attachment_cost,
+    instance_cost,
+    open_backup,
+    sibling_volumes,
+    volume_path,
+)
 from dicomvault.formats.bkp.writer import BkpWriter
 
 
@@ -40,13 +51,37 @@ def _is_bkp(url: str) -> bool:
 
 
 class BkpSource:
+    """A .bkp file, or a whole volume set (any of its volumes, or NAME.bkp
+    for NAME.001.bkp...), checked complete before anything is read."""
+
     def __init__(self, path: str) -> None:
-        self.reader = BkpReader(path)
-        self.description = f"backup file {path}"
-        m = self.reader.manifest
-        self.patients = {p.key: p for p in m.patients}
-        self.studies = {s.study_uid: s for s in m.studies}
-        self.series = {s.series_uid: s for s in m.series}
+        self.parts = open_backup(path)
+        self.description = f"backup file {path}" if len(self.parts) == 1 and self.parts[0].volume is None \
+            else f"backup volume set {self.parts[0].path} ({len(self.parts)} volumes)"
+        self.patients: dict[str, PatientRecord] = {}
+        self.studies: dict[str, StudyRecord] = {}
+        self.series: dict[str, SeriesRecord] = {}
+        # (part, entry) in volume order; a volume's records are copies of the others' where they overlap
+        self.entries: list[tuple[Part, InstanceEntry]] = []
+        self.attribute_list: dict[tuple[str, str], Attributes] = {}
+        self.attachment_list: dict[str, tuple[Part, AttachmentEntry]] = {}
+        seen: set[str] = set()
+        for part in self.parts:
+            m = part.manifest
+            for p in m.patients:
+                self.patients.setdefault(p.key, p)
+            for st in m.studies:
+                self.studies.setdefault(st.study_uid, st)
+            for se in m.series:
+                self.series.setdefault(se.series_uid, se)
+            for e in m.instances:
+                if e.record.sop_uid not in seen:
+                    seen.add(e.record.sop_uid)
+                    self.entries.append((part, e))
+            for a in m.attributes:
+                self.attribute_list.setdefault((a.level, a.uid), a)
+            for ae in m.attachments:
+                self.attachment_list.setdefault(ae.record.attachment_id, (part, ae))
 
     def _hierarchy(self, series_uid: str) -> tuple[PatientRecord, StudyRecord, SeriesRecord] | None:
         se = self.series.get(series_uid)
@@ -54,8 +89,8 @@ class BkpSource:
         p = self.patients.get(st.patient_key) if st else None
         return (p, st, se) if (p and st and se) else None
 
-    def _opener(self, blob: Blob) -> Opener:
-        return lambda: self.reader.open_blob(blob)
+    def _opener(self, part: Part, blob: Blob) -> Opener:
+        return lambda: part.reader().open_blob(blob)
 
     def _owners(self, selection: Selection) -> dict[str, set[str]]:
         owners: dict[str, set[str]] = {"patient": set(), "study": set(), "series": set()}
@@ -67,39 +102,42 @@ class BkpSource:
                 owners["series"].add(h[2].series_uid)
         return owners
 
-    def _selected_entries(self, selection: Selection) -> list[InstanceEntry]:
+    def _selected_entries(self, selection: Selection) -> list[tuple[Part, InstanceEntry]]:
         wanted = self._owners(selection)["series"]
-        return [e for e in self.reader.manifest.instances if e.record.series_uid in wanted]
+        return [(part, e) for part, e in self.entries if e.record.series_uid in wanted]
 
     def instances(self, selection: Selection) -> Iterator[Item | Rejected]:
         if selection.whole:
             # Instances that no selection can reach: their series, study or patient record is
             # missing from the file. Said once each, rather than silently left behind.
-            for entry in self.reader.manifest.instances:
+            for _part, entry in self.entries:
                 if self._hierarchy(entry.record.series_uid) is None:
                     yield Rejected(f"instance {entry.record.sop_uid}", "its series, study or patient "
                                    "record is missing from the backup; not restored")
-        # In payload order, so frames are read once each, front to back.
-        for entry in sorted(self._selected_entries(selection), key=lambda e: e.blob.offset):
+        # In volume and payload order, so frames are read once each, front to back.
+        order = {id(part): i for i, part in enumerate(self.parts)}
+        for part, entry in sorted(self._selected_entries(selection),
+                                  key=lambda pe: (order[id(pe[0])], pe[1].blob.offset)):
             h = self._hierarchy(entry.record.series_uid)
             assert h is not None
-            yield Item(entry.record, h[2], h[1], h[0], self._opener(entry.blob))
+            yield Item(entry.record, h[2], h[1], h[0], self._opener(part, entry.blob))
 
     def attributes(self, selection: Selection) -> Iterator[Attributes]:
         owners = self._owners(selection)
-        owners["instance"] = {e.record.sop_uid for e in self._selected_entries(selection)}
-        for attrs in self.reader.manifest.attributes:
+        owners["instance"] = {e.record.sop_uid for _p, e in self._selected_entries(selection)}
+        for attrs in self.attribute_list.values():
             if attrs.uid in owners.get(attrs.level, ()):
                 yield attrs
 
     def attachments(self, selection: Selection) -> Iterator[tuple[AttachmentRecord, Opener]]:
         owners = self._owners(selection)
-        for entry in self.reader.manifest.attachments:
+        for part, entry in self.attachment_list.values():
             if entry.record.uid in owners.get(entry.record.level, ()):
-                yield entry.record, self._opener(entry.blob)
+                yield entry.record, self._opener(part, entry.blob)
 
     def close(self) -> None:
-        self.reader.close()
+        for part in self.parts:
+            part.close()
 
 
 class BkpTarget:
@@ -181,11 +219,136 @@ class BkpTarget:
             raise
 
 
+class BkpVolumesTarget:
+    """Writes a volume set NAME.001.bkp, NAME.002.bkp, ... of at most
+    ``volume_size`` bytes each (SPEC.md, "Volumes"). Instances go into the
+    volume open when they arrive, with the patient, study and series
+    records they need; attributes and attachments, which come after the
+    instances, go into the volume open then, with copies of the records of
+    their owners. The set appears under its final names only when complete."""
+
+    def __init__(self, path: str, volume_size: int, *, overwrite: bool = False, level: int = 3) -> None:
+        final = Path(path)
+        if not final.parent.is_dir():
+            raise UsageError(f"the folder {final.parent} does not exist")
+        existing = [p for ps in sibling_volumes(final.parent, final.name[:-4]).values() for p in ps]
+        if existing and not overwrite:
+            raise UsageError(f"{sorted(existing)[0]} exists; choose another name or pass --force to "
+                             "replace that volume set")
+        self.description = f"backup volume set {volume_path(final, 1)}"
+        self.set = VolumeSetWriter(final, volume_size, writer=f"dicomvault {__version__}", level=level,
+                                   overwrite=overwrite)
+        self.sha: dict[str, str] = {}  # SOP Instance UID -> SHA-256, over all volumes
+        self.attachment_ids: set[str] = set()
+        self.patients: dict[str, PatientRecord] = {}
+        self.studies: dict[str, StudyRecord] = {}
+        self.series: dict[str, SeriesRecord] = {}
+        self.instance_series: dict[str, str] = {}
+        self.fatal: VolumeSizeError | None = None
+        self.files: list[Path] = []
+
+    def lookup(self, sop_uid: str) -> str | None:
+        return self.sha.get(sop_uid)
+
+    def _chain(self, level: str, uid: str) -> tuple[Record, ...]:
+        """The records an entity of ``level`` ``uid`` needs, as far as they are known."""
+        if level == "instance":
+            level, uid = "series", self.instance_series.get(uid, "")
+        se = self.series.get(uid) if level == "series" else None
+        st = self.studies.get(se.study_uid if se else uid) if level in ("series", "study") else None
+        p = self.patients.get(st.patient_key if st else uid)
+        return tuple(r for r in (p, st, se) if r is not None)
+
+    def _write(self, open_: Opener, expected: str, what: str, size: int, cost: int,
+               records: tuple[Record, ...]) -> tuple[OpenVolume | None, Blob | None, str]:
+        if self.fatal is not None:
+            return None, None, f"not written: {self.fatal}"
+        try:
+            vol = self.set.place(size=size, cost=cost, records=records, what=what)
+        except VolumeSizeError as exc:
+            self.fatal = exc  # the export fails as a whole (finish raises it): a set must not lack it
+            return None, None, str(exc)
+        digest = hashlib.sha256()
+        with open_() as fh:
+            blob = vol.writer.add_blob(fh, digest.update)
+        got = digest.hexdigest()
+        try:
+            self.set.check_room(vol)
+        except VolumeSizeError as exc:
+            self.fatal = exc
+            return None, None, str(exc)
+        if expected and got != expected:
+            return None, None, (f"{what}: the bytes read do not match their SHA-256 (stored copy damaged?); "
+                                "not written")
+        return vol, blob, got
+
+    def put_instance(self, item: Item, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        rec = item.instance
+        stored = self.lookup(rec.sop_uid)
+        if stored is not None and (not rec.sha256 or stored == rec.sha256):
+            return Outcome.UNCHANGED, ""
+        if stored is not None:
+            return Outcome.CONFLICT, "the selection holds two different instances with this UID"
+        records = (item.patient, item.study, item.series)
+        vol, blob, sha_or_reason = self._write(item.open, rec.sha256, f"instance {rec.sop_uid}", rec.size,
+                                               instance_cost(rec), records)
+        if blob is None:
+            return Outcome.FAILED, sha_or_reason
+        record = msgspec.structs.replace(rec, sha256=sha_or_reason, size=blob.length)
+        assert vol is not None
+        self.set.add_instance(vol, InstanceEntry(record, blob), records)  # type: ignore[arg-type]
+        self.sha[rec.sop_uid] = sha_or_reason
+        self.patients.setdefault(item.patient.key, item.patient)
+        self.studies.setdefault(item.study.study_uid, item.study)
+        self.series.setdefault(item.series.series_uid, item.series)
+        self.instance_series[rec.sop_uid] = item.series.series_uid
+        return Outcome.STORED, ""
+
+    def put_attributes(self, attrs: Attributes, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        if self.fatal is not None:
+            return Outcome.FAILED, f"not written: {self.fatal}"
+        records = self._chain(attrs.level, attrs.uid)
+        try:
+            vol = self.set.place(size=0, cost=len(msgspec.msgpack.encode(attrs)), records=records,
+                                 what=f"the attributes of {attrs.level} {attrs.uid}")
+        except VolumeSizeError as exc:
+            self.fatal = exc
+            return Outcome.FAILED, str(exc)
+        self.set.add_attributes(vol, attrs, records)
+        return Outcome.STORED, ""
+
+    def put_attachment(self, record: AttachmentRecord, open_: Opener,
+                       policy: ConflictPolicy) -> tuple[Outcome, str]:
+        if record.attachment_id in self.attachment_ids:
+            return Outcome.UNCHANGED, ""
+        records = self._chain(record.level, record.uid)
+        vol, blob, sha_or_reason = self._write(open_, record.sha256, f"attachment {record.attachment_id}",
+                                               record.size, attachment_cost(record), records)
+        if blob is None:
+            return Outcome.FAILED, sha_or_reason
+        assert vol is not None
+        self.set.add_attachment(vol, AttachmentEntry(record, blob), records)  # type: ignore[arg-type]
+        self.attachment_ids.add(record.attachment_id)
+        return Outcome.STORED, ""
+
+    def finish(self, ok: bool) -> None:
+        if not ok:
+            self.set.abort()
+            return
+        if self.fatal is not None:
+            self.set.abort()
+            raise VolumeSizeError(f"{self.fatal}; no volume was kept")
+        self.files = self.set.finish()
+
+
 def _open_source(url: str, ctx: Context) -> BkpSource:
     return BkpSource(_path(url))
 
 
-def _open_target(url: str, ctx: Context) -> BkpTarget:
+def _open_target(url: str, ctx: Context) -> BkpTarget | BkpVolumesTarget:
+    volume_size = getattr(ctx, "volume_size", None)
+    if volume_size:
+        return BkpVolumesTarget(_path(url), volume_size, overwrite=bool(getattr(ctx, "force", False)))
     return BkpTarget(_path(url), overwrite=bool(getattr(ctx, "force", False)))
 
 

@@ -4,14 +4,61 @@ from __future__ import annotations
 
 import argparse
 
-from dicomvault.engine import Context, Operation, Report, UsageError, hookimpl, transfer
+from dicomvault import __version__
+from dicomvault.engine import (
+    Context,
+    Item,
+    Operation,
+    Report,
+    Selection,
+    Source,
+    UsageError,
+    hookimpl,
+    transfer,
+)
 from dicomvault.engine.options import add_policy_option, add_selection_options, policy_from, selection_from
+from dicomvault.formats.bkp.volumes import (
+    VolumeSizeError,
+    attachment_cost,
+    fits_alone,
+    instance_cost,
+    parse_size,
+    records_cost,
+)
+
+
+def _volume_size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _export_configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", metavar="OUT.bkp", help="the backup file to write")
     add_selection_options(p)
-    p.add_argument("--force", action="store_true", help="replace OUT.bkp if it exists")
+    p.add_argument("--force", action="store_true", help="replace OUT.bkp (or its volumes) if it exists")
+    p.add_argument("--volume-size", type=_volume_size, default=None, metavar="SIZE",
+                   help="split the backup into volumes OUT.001.bkp, OUT.002.bkp, ... of at most SIZE "
+                        "bytes each: 2G, 650M, 4700M, 1.5G (K, M, G, T are powers of 1000), 2GiB "
+                        "(powers of 1024), a number of bytes, or fat32 (4 GiB - 1 byte)")
+
+
+def _check_fits(source: Source, selection: Selection, limit: int) -> None:
+    """Before anything is written: every instance and attachment fits in a volume on its own."""
+    writer = f"dicomvault {__version__}"
+    for it in source.instances(selection):
+        if isinstance(it, Item):
+            cost = instance_cost(it.instance) + records_cost((it.patient, it.study, it.series))
+            if not fits_alone(limit, it.instance.size, cost, writer):
+                raise VolumeSizeError(f"instance {it.instance.sop_uid} ({it.instance.size} bytes) does not "
+                                      f"fit in a volume of {limit} bytes; choose a larger --volume-size "
+                                      "(instances are not split across volumes); nothing was written")
+    for rec, _open in source.attachments(selection):
+        if not fits_alone(limit, rec.size, attachment_cost(rec) + 1024, writer):
+            raise VolumeSizeError(f"attachment {rec.attachment_id} ({rec.size} bytes) does not fit in a "
+                                  f"volume of {limit} bytes; choose a larger --volume-size; nothing was "
+                                  "written")
 
 
 def _export_run(ctx: Context, args: argparse.Namespace) -> Report:
@@ -19,13 +66,19 @@ def _export_run(ctx: Context, args: argparse.Namespace) -> Report:
         raise UsageError("the output file name must end in .bkp")
     db = ctx.open_database()
     selection = selection_from(args, db)
-    target = ctx.open_target("bkp:" + args.output)
     source = db.source()
     try:
+        if args.volume_size:
+            _check_fits(source, selection, args.volume_size)
+            ctx.volume_size = args.volume_size
+        target = ctx.open_target("bkp:" + args.output)
         report = transfer(ctx, source, target, selection, operation="export-db")
     finally:
         source.close()
     report.details["file"] = args.output
+    files = getattr(target, "files", None)
+    if args.volume_size and files:
+        report.details["volumes"] = [str(f) for f in files]
     return report
 
 
