@@ -628,7 +628,7 @@ def _struct_classes() -> dict[str, type]:
     from dicomvault.engine import types
     from dicomvault.formats.bkp import manifest
 
-    names = ["Manifest", "FrameEntry", "Blob", "InstanceEntry", "AttachmentEntry"]
+    names = ["Manifest", "FrameEntry", "Blob", "InstanceEntry", "AttachmentEntry", "Volume"]
     out: dict[str, type] = {n: getattr(manifest, n) for n in names}
     for n in ["PatientRecord", "StudyRecord", "SeriesRecord", "InstanceRecord", "Attributes",
               "AttachmentRecord"]:
@@ -642,6 +642,8 @@ def _type_name(t: msgspec.inspect.Type) -> str:
         return "int"
     if isinstance(t, mi.StrType):
         return "str"
+    if isinstance(t, mi.BoolType):
+        return "bool"
     if isinstance(t, mi.NoneType):
         return "nil"
     if isinstance(t, mi.UnionType):
@@ -668,6 +670,8 @@ def _default_text(f: msgspec.inspect.Field) -> str:
         return "required"
     if f.default_factory is not msgspec.NODEFAULT:
         return json.dumps(f.default_factory())
+    if f.default is msgspec.NODEFAULT:  # msgspec.UNSET: the key is left out when absent
+        return "absent"
     return "nil" if f.default is None else json.dumps(f.default)
 
 
@@ -746,7 +750,9 @@ def test_annotated_example_is_consistent() -> None:
     from dicomvault.formats.bkp.manifest import Manifest
 
     typed = msgspec.convert(manifest, Manifest)
-    assert list(manifest) == list(Manifest.__struct_fields__)
+    absent = [f.encode_name for f in msgspec.inspect.type_info(Manifest).fields  # type: ignore[union-attr]
+              if not f.required and f.default is msgspec.NODEFAULT and f.default_factory is msgspec.NODEFAULT]
+    assert list(manifest) == [f for f in Manifest.__struct_fields__ if f not in absent]
     assert msgspec.to_builtins(typed) == manifest
 
 
