@@ -270,6 +270,9 @@ class VolumeSetWriter:
             need = self._size_at_most(vol, vol.writer.stream_pos + size, meta)
             if need <= self.limit:
                 return vol
+            if vol.writer.pending:  # frames still being compressed count raw: see what they came to
+                vol.writer.settle()
+                continue
             if vol.empty:
                 alone = size_at_most(size, cost + records_cost(records), vol.base, self.frame_size)
                 raise VolumeSizeError(f"{what} ({size} bytes) does not fit in a volume of {self.limit} "

@@ -125,6 +125,12 @@ class BkpWriter:
         self.frames.append(FrameEntry(self.pos, len(payload), rawlen, codec, stream_offset))
         self.pos += 48 + len(payload)
 
+    def settle(self) -> None:
+        """Write the frames still being compressed, so that ``pos`` counts all
+        but the open frame at their stored size (volume sets decide on it)."""
+        while self.pending:
+            self._drain_one()
+
     # ------------------------------------------------------------ finishing
     def finish(self, manifest: Manifest) -> Path:
         """Write the manifest and footer, make the file durable, rename it."""
