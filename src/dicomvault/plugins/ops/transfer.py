@@ -83,7 +83,8 @@ def _export_run(ctx: Context, args: argparse.Namespace) -> Report:
 
 
 def _import_configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", metavar="IN.bkp", help="the backup file to restore from")
+    p.add_argument("input", metavar="IN.bkp", help="the backup file to restore from (for a volume set: "
+                   "any of its volumes IN.NNN.bkp, or IN.bkp)")
     add_selection_options(p, selected=False)
     add_policy_option(p)
     p.add_argument("--dry-run", action="store_true", help="report what would happen; change nothing")
