@@ -356,3 +356,35 @@ def test_bad_size_on_the_command_line(cli, corpus: VolumeCorpus, tmp_path: Path)
     res = cli("--db", corpus.db, "export-db", tmp_path / "x.bkp", "--whole", "--volume-size", "lots")
     assert res.code == 64 and "lots" in error_line(res)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_plain_file_of_the_same_name_is_replaced_only_when_forced(cli, corpus: VolumeCorpus,
+                                                                    tmp_path: Path) -> None:
+    plain = tmp_path / "set.bkp"
+    assert cli("--db", corpus.db, "export-db", plain, "--whole").code == 0
+    res = cli("--db", corpus.db, "export-db", plain, "--whole", "--volume-size", "1M")
+    assert res.code == 64 and "set.bkp" in error_line(res) and "--force" in error_line(res)
+    res = cli("--db", corpus.db, "export-db", plain, "--whole", "--volume-size", "1M", "--force")
+    assert res.code == 0, res.err
+    assert not plain.exists()  # else 'import-db set.bkp' would read it rather than the set
+    assert len(open_backup(plain)) >= 2
+
+
+def test_restoring_a_set_closes_the_volumes_it_is_done_with(corpus: VolumeCorpus) -> None:
+    from dicomvault.engine import Item, Selection
+    from dicomvault.plugins.bkp_plugin import BkpSource
+
+    source = BkpSource(str(corpus.volumes[0]))
+    try:
+        seen = 0
+        for it in source.instances(Selection(whole=True)):
+            assert isinstance(it, Item)
+            with it.open() as fh:
+                assert hashlib.sha256(fh.read()).hexdigest() == it.instance.sha256
+            seen += 1
+            assert sum(p._reader is not None for p in source.parts) <= 1
+        assert seen == len(catalog(corpus.db)["instances"])
+        assert all(p.opened for p in source.parts[:-1])
+    finally:
+        source.close()
+    assert all(p._reader is None for p in source.parts)

@@ -90,7 +90,7 @@ class BkpSource:
         return (p, st, se) if (p and st and se) else None
 
     def _opener(self, part: Part, blob: Blob) -> Opener:
-        return lambda: part.reader().open_blob(blob)
+        return lambda: part.open_blob(blob)
 
     def _owners(self, selection: Selection) -> dict[str, set[str]]:
         owners: dict[str, set[str]] = {"patient": set(), "study": set(), "series": set()}
@@ -116,8 +116,12 @@ class BkpSource:
                                    "record is missing from the backup; not restored")
         # In volume and payload order, so frames are read once each, front to back.
         order = {id(part): i for i, part in enumerate(self.parts)}
+        previous: Part | None = None
         for part, entry in sorted(self._selected_entries(selection),
                                   key=lambda pe: (order[id(pe[0])], pe[1].blob.offset)):
+            if previous is not None and part is not previous and len(self.parts) > 1:
+                previous.release()  # done with that volume: its file closes once its streams are read
+            previous = part
             h = self._hierarchy(entry.record.series_uid)
             assert h is not None
             yield Item(entry.record, h[2], h[1], h[0], self._opener(part, entry.blob))
@@ -232,6 +236,8 @@ class BkpVolumesTarget:
         if not final.parent.is_dir():
             raise UsageError(f"the folder {final.parent} does not exist")
         existing = [p for ps in sibling_volumes(final.parent, final.name[:-4]).values() for p in ps]
+        if final.exists() and not overwrite:
+            existing.append(final)  # it would be read instead of the set
         if existing and not overwrite:
             raise UsageError(f"{sorted(existing)[0]} exists; choose another name or pass --force to "
                              "replace that volume set")

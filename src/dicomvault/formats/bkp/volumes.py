@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO, cast
 
 import msgspec
 
@@ -325,6 +326,8 @@ class VolumeSetWriter:
             self.abort()
             raise
         self.closed = True
+        if self.overwrite:  # a plain NAME.bkp would be read instead of the set (open_backup)
+            self.final.unlink(missing_ok=True)
         if self.overwrite:  # volumes of an older, longer set under the same name would look foreign
             for paths in sibling_volumes(self.final.parent, _stem(self.final)).values():
                 for p in paths:
@@ -349,7 +352,13 @@ class VolumeSetWriter:
 
 
 class Part:
-    """One file of a backup: its manifest, and a reader opened on demand."""
+    """One file of a backup: its manifest, and a reader opened on demand.
+
+    A volume's reader is closed again by :meth:`release` once no blob stream
+    of it is open, so that restoring a set of a thousand volumes does not
+    hold a thousand files open; it is reopened (and checked to be the same
+    file) if needed later.
+    """
 
     def __init__(self, path: Path, reader: BkpReader, *, keep_open: bool) -> None:
         self.path = path
@@ -358,27 +367,88 @@ class Part:
         self.volume = reader.manifest.volume if isinstance(reader.manifest.volume, Volume) else None
         self._reader: BkpReader | None = reader if keep_open else None
         self._lock = threading.Lock()
+        self._streams = 0  # blob streams open on the reader
+        self._idle_close = False  # close the reader when the last stream closes
         self.opened = keep_open  # whether its data was (or may be) read
         if not keep_open:
             reader.close()
 
     def reader(self) -> BkpReader:
         with self._lock:
-            if self._reader is None:
-                reader = _open(self.path)
-                if reader.file_id != self.file_id:
-                    reader.close()
-                    raise VolumeSetError(f"{self.path.name} was replaced by another file while the backup "
-                                         "was being read")
-                self._reader = reader
-                self.opened = True
-            return self._reader
+            return self._get()
+
+    def _get(self) -> BkpReader:
+        if self._reader is None:
+            reader = _open(self.path)
+            if reader.file_id != self.file_id:
+                reader.close()
+                raise VolumeSetError(f"{self.path.name} was replaced by another file while the backup "
+                                     "was being read")
+            self._reader = reader
+            self.opened = True
+        return self._reader
+
+    def open_blob(self, blob: Blob) -> BinaryIO:
+        with self._lock:
+            reader = self._get()
+            self._streams += 1
+            self._idle_close = False
+        try:
+            stream = reader.open_blob(blob)
+        except BaseException:
+            self._stream_closed()
+            raise
+        return cast(BinaryIO, _TrackedStream(stream, self))
+
+    def _stream_closed(self) -> None:
+        with self._lock:
+            self._streams -= 1
+            if self._streams == 0 and self._idle_close and self._reader is not None:
+                self._reader.close()
+                self._reader = None
+
+    def release(self) -> None:
+        """Close the reader now if no stream is open, else when the last one closes."""
+        with self._lock:
+            if self._streams == 0:
+                if self._reader is not None:
+                    self._reader.close()
+                    self._reader = None
+            else:
+                self._idle_close = True
 
     def close(self) -> None:
         with self._lock:
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None
+
+
+class _TrackedStream:
+    """A blob stream that tells its :class:`Part` when it is closed."""
+
+    def __init__(self, stream: BinaryIO, part: Part) -> None:
+        self._stream, self._part, self._closed = stream, part, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._stream.read(size)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self._stream.close()
+            finally:
+                self._part._stream_closed()
+
+    def __enter__(self) -> _TrackedStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _open(path: Path) -> BkpReader:
@@ -446,8 +516,8 @@ def _check_set(given: Path, stem: str, parts: dict[Path, Part]) -> list[Part]:
         number = int(_VOLUME_NAME.match(p.name)["num"])  # type: ignore[index]
         if vol.set_id != set_id:
             raise VolumeSetError(f"{p.name} belongs to another backup (volume {vol.index} of set "
-                                 f"{vol.set_id[:12]}), not to the set of {given.name} ({set_id[:12]}); "
-                                 "put the right volume in its place")
+                                 f"{vol.set_id[:12]}), not to the set of the other {votes[set_id]} "
+                                 f"volume(s) here (set {set_id[:12]}); put the right volume in its place")
         if vol.index != number:
             raise VolumeSetError(f"{p.name} holds volume {vol.index} of the set, not volume {number}: "
                                  "the volumes were renamed")
