@@ -388,3 +388,21 @@ def test_restoring_a_set_closes_the_volumes_it_is_done_with(corpus: VolumeCorpus
     finally:
         source.close()
     assert all(p._reader is None for p in source.parts)
+
+
+def test_the_target_alone_also_refuses_an_instance_too_large(corpus: VolumeCorpus, tmp_path: Path) -> None:
+    """Without export-db's check beforehand (e.g. another caller of the engine), the set
+    writer meets the instance, the run fails as a whole and no volume is kept."""
+    from dicomvault.engine import Context, Hooks, Selection, make_plugin_manager, transfer
+
+    ctx = Context(Hooks(make_plugin_manager(autoload=False)), str(corpus.db))
+    ctx.volume_size = 300_000
+    try:
+        source = ctx.open_database().source()
+        target = ctx.open_target(f"bkp:{tmp_path / 'x.bkp'}")
+        with pytest.raises(volumes.VolumeSizeError, match="no volume was kept"):
+            transfer(ctx, source, target, Selection(whole=True), operation="export-db")
+        source.close()
+    finally:
+        ctx.close()
+    assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,7 @@ from dicomvault.engine import (
     Attributes,
     ConflictPolicy,
     Context,
+    DicomvaultError,
     Item,
     Kind,
     Opener,
@@ -250,7 +251,9 @@ class BkpVolumesTarget:
         self.studies: dict[str, StudyRecord] = {}
         self.series: dict[str, SeriesRecord] = {}
         self.instance_series: dict[str, str] = {}
-        self.fatal: VolumeSizeError | None = None
+        # An error that spoils the whole set (something too large, a volume that cannot be
+        # started): later items are not written and finish() raises it, keeping no volume.
+        self.fatal: DicomvaultError | None = None
         self.files: list[Path] = []
 
     def lookup(self, sop_uid: str) -> str | None:
@@ -271,9 +274,9 @@ class BkpVolumesTarget:
             return None, None, f"not written: {self.fatal}"
         try:
             vol = self.set.place(size=size, cost=cost, records=records, what=what)
-        except VolumeSizeError as exc:
-            self.fatal = exc  # the export fails as a whole (finish raises it): a set must not lack it
-            return None, None, str(exc)
+        except (VolumeSizeError, OSError) as exc:
+            self.fatal = _as_fatal(exc)  # the export fails as a whole: a set must not lack it
+            return None, None, str(self.fatal)
         digest = hashlib.sha256()
         with open_() as fh:
             blob = vol.writer.add_blob(fh, digest.update)
@@ -317,9 +320,9 @@ class BkpVolumesTarget:
         try:
             vol = self.set.place(size=0, cost=len(msgspec.msgpack.encode(attrs)), records=records,
                                  what=f"the attributes of {attrs.level} {attrs.uid}")
-        except VolumeSizeError as exc:
-            self.fatal = exc
-            return Outcome.FAILED, str(exc)
+        except (VolumeSizeError, OSError) as exc:
+            self.fatal = _as_fatal(exc)
+            return Outcome.FAILED, str(self.fatal)
         self.set.add_attributes(vol, attrs, records)
         return Outcome.STORED, ""
 
@@ -343,8 +346,14 @@ class BkpVolumesTarget:
             return
         if self.fatal is not None:
             self.set.abort()
-            raise VolumeSizeError(f"{self.fatal}; no volume was kept")
+            raise type(self.fatal)(f"{self.fatal}; no volume was kept")
         self.files = self.set.finish()
+
+
+def _as_fatal(exc: VolumeSizeError | OSError) -> DicomvaultError:
+    if isinstance(exc, DicomvaultError):
+        return exc
+    return DicomvaultError(f"cannot write the next volume: {exc}")
 
 
 def _open_source(url: str, ctx: Context) -> BkpSource:
