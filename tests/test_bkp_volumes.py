@@ -370,10 +370,13 @@ def test_a_plain_file_of_the_same_name_is_replaced_only_when_forced(cli, corpus:
     assert len(open_backup(plain)) >= 2
 
 
-def test_restoring_a_set_closes_the_volumes_it_is_done_with(corpus: VolumeCorpus) -> None:
+def test_restoring_a_set_closes_the_volumes_it_is_done_with(corpus: VolumeCorpus,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from dicomvault.engine import Item, Selection
+    from dicomvault.plugins import bkp_plugin
     from dicomvault.plugins.bkp_plugin import BkpSource
 
+    monkeypatch.setattr(bkp_plugin, "RELEASE_AFTER", 0)  # close a volume one item after leaving it
     source = BkpSource(str(corpus.volumes[0]))
     try:
         seen = 0
@@ -382,9 +385,16 @@ def test_restoring_a_set_closes_the_volumes_it_is_done_with(corpus: VolumeCorpus
             with it.open() as fh:
                 assert hashlib.sha256(fh.read()).hexdigest() == it.instance.sha256
             seen += 1
-            assert sum(p._reader is not None for p in source.parts) <= 1
+            assert sum(p._reader is not None for p in source.parts) <= 2
         assert seen == len(catalog(corpus.db)["instances"])
         assert all(p.opened for p in source.parts[:-1])
+        # a late reader of a volume left behind (a worker thread) reopens it, and it closes again
+        first = source.parts[0]
+        entry = first.manifest.instances[0]
+        with first.open_blob(entry.blob) as fh:
+            assert hashlib.sha256(fh.read()).hexdigest() == entry.record.sha256
+            assert first._reader is not None
+        assert first._reader is None
     finally:
         source.close()
     assert all(p._reader is None for p in source.parts)

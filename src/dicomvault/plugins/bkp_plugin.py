@@ -42,6 +42,8 @@ from dicomvault.formats.bkp.volumes import (
 )
 from dicomvault.formats.bkp.writer import BkpWriter
 
+RELEASE_AFTER = 64  # items handed out after a volume's last one before its file is closed
+
 
 def _path(url: str) -> str:
     return url[4:] if url.startswith("bkp:") else url
@@ -117,11 +119,17 @@ class BkpSource:
                                    "record is missing from the backup; not restored")
         # In volume and payload order, so frames are read once each, front to back.
         order = {id(part): i for i, part in enumerate(self.parts)}
+        # Volumes left behind, closed once the restore is well past them: a target may still
+        # be reading the last few items of a volume in worker threads a while after they were
+        # handed out (see Part.release).
+        behind: list[tuple[int, Part]] = []
         previous: Part | None = None
-        for part, entry in sorted(self._selected_entries(selection),
-                                  key=lambda pe: (order[id(pe[0])], pe[1].blob.offset)):
-            if previous is not None and part is not previous and len(self.parts) > 1:
-                previous.release()  # done with that volume: its file closes once its streams are read
+        for n, (part, entry) in enumerate(sorted(self._selected_entries(selection),
+                                                 key=lambda pe: (order[id(pe[0])], pe[1].blob.offset))):
+            if previous is not None and part is not previous:
+                behind.append((n, previous))
+            while behind and behind[0][0] < n - RELEASE_AFTER:
+                behind.pop(0)[1].release()
             previous = part
             h = self._hierarchy(entry.record.series_uid)
             assert h is not None

@@ -368,7 +368,7 @@ class Part:
         self._reader: BkpReader | None = reader if keep_open else None
         self._lock = threading.Lock()
         self._streams = 0  # blob streams open on the reader
-        self._idle_close = False  # close the reader when the last stream closes
+        self._retired = False  # released: close the reader whenever no stream is open
         self.opened = keep_open  # whether its data was (or may be) read
         if not keep_open:
             reader.close()
@@ -392,7 +392,6 @@ class Part:
         with self._lock:
             reader = self._get()
             self._streams += 1
-            self._idle_close = False
         try:
             stream = reader.open_blob(blob)
         except BaseException:
@@ -403,19 +402,19 @@ class Part:
     def _stream_closed(self) -> None:
         with self._lock:
             self._streams -= 1
-            if self._streams == 0 and self._idle_close and self._reader is not None:
+            if self._streams == 0 and self._retired and self._reader is not None:
                 self._reader.close()
                 self._reader = None
 
     def release(self) -> None:
-        """Close the reader now if no stream is open, else when the last one closes."""
+        """The caller is done with this volume: close the reader now if no stream
+        is open, else when the last one closes. A later :meth:`open_blob` still
+        works (it reopens the file, which is closed again after that stream)."""
         with self._lock:
-            if self._streams == 0:
-                if self._reader is not None:
-                    self._reader.close()
-                    self._reader = None
-            else:
-                self._idle_close = True
+            self._retired = True
+            if self._streams == 0 and self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
     def close(self) -> None:
         with self._lock:
