@@ -9,8 +9,9 @@ and lists the required feature ``"volumes"``. Volumes are named
 
 Writing: the set writer rolls over to a new volume before the current one
 would exceed the size limit, counting the frame headers, the frame index,
-the manifest and the footer at their largest possible size (frames stored
-raw, integers at 9 bytes). A blob is never split across volumes. Every
+the manifest and the footer at their largest possible size (frames already
+written at their stored size, the rest raw; integers at 9 bytes). A blob is
+never split across volumes: one larger than a volume is an error naming it. Every
 volume is written by a :class:`BkpWriter` under a hidden temporary name;
 only when the last volume is complete are they all renamed to their final
 names, so a failed export leaves no volume under a final name.
