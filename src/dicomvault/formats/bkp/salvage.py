@@ -47,6 +47,7 @@ from dicomvault.engine import (
     PatientRecord,
     SeriesRecord,
     StudyRecord,
+    UnsupportedFeatureError,
 )
 
 from .layout import (
@@ -263,6 +264,9 @@ def _by_scan(src: Path, out: _Out, result: SalvageResult) -> None:
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             if mm[:8] != HEADER_MAGIC:
                 result.notes.append("the file does not start like a .bkp; scanning anyway")
+            elif int.from_bytes(mm[12:16], "little"):
+                raise UnsupportedFeatureError("this .bkp uses header flags (an encrypted file?) that "
+                                              "salvage cannot scan without its manifest")
             cand: _Candidate | None = None
             tail = b""  # the last bytes of the previous frame: "DICM" may straddle two frames
             last_seq = -2

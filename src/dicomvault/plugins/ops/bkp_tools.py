@@ -188,7 +188,9 @@ def _salvage(args: argparse.Namespace) -> int:
                    if result.method == "manifest" else "") + ")")
     _emit(args, result, text)
     complete = result.method == "manifest" and not result.lost and not result.frames_damaged
-    return EXIT_OK if complete else EXIT_PARTIAL
+    if complete:
+        return EXIT_OK
+    return EXIT_PARTIAL if result.instances_recovered or result.attachments_recovered else EXIT_FAILED
 
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
