@@ -141,6 +141,24 @@ def test_several_volumes_each_complete_and_within_the_size(corpus: VolumeCorpus)
     assert sum(p.stat().st_size for p in corpus.volumes[:-1]) > 0.4 * VOLUME_SIZE * (len(corpus.volumes) - 1)
 
 
+def test_each_volume_validates_and_verifies_on_its_own(cli, corpus: VolumeCorpus) -> None:
+    """``bkp validate`` (structure, schema, the references of SPEC.md 8.6) and ``bkp verify``
+    (every frame, every SHA-256) pass on every volume alone: each carries the records and the
+    attributes of what it holds, the attributes of an instance included."""
+    placed: dict[tuple[str, str], int] = {}
+    for path in corpus.volumes:
+        for tool in ("validate", "verify"):
+            res = cli("bkp", tool, path)
+            assert res.code == 0, (tool, path.name, res.out, res.err)
+        reader = BkpReader(path)
+        for a in reader.manifest.attributes:
+            placed[(a.level, a.uid)] = placed.get((a.level, a.uid), 0) + 1
+        reader.close()
+    source = catalog(corpus.db)["attributes"]
+    assert set(placed) == set(source)
+    assert any(level == "instance" for level, _uid in placed)
+
+
 def test_a_plain_export_has_no_volume_field(corpus: VolumeCorpus, tmp_path: Path) -> None:
     out = tmp_path / "plain.bkp"
     assert run("--db", corpus.db, "export-db", out, "--whole").code == 0

@@ -3,7 +3,7 @@ Database). Addresses: a path ending in ``.bkp``, or ``bkp:PATH``."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -117,15 +117,22 @@ class BkpSource:
                 if self._hierarchy(entry.record.series_uid) is None:
                     yield Rejected(f"instance {entry.record.sop_uid}", "its series, study or patient "
                                    "record is missing from the backup; not restored")
-        # In volume and payload order, so frames are read once each, front to back.
+        # In volume and payload order, so frames are read once each, front to back, decoded a
+        # little ahead (each volume's reader is told its share of the blobs: Part.plan).
         order = {id(part): i for i, part in enumerate(self.parts)}
+        entries = sorted(self._selected_entries(selection),
+                         key=lambda pe: (order[id(pe[0])], pe[1].blob.offset))
+        planned: dict[int, list[Blob]] = {}
+        for part, entry in entries:
+            planned.setdefault(id(part), []).append(entry.blob)
+        for part in self.parts:
+            part.plan(planned.get(id(part), []))
         # Volumes left behind, closed once the restore is well past them: a target may still
         # be reading the last few items of a volume in worker threads a while after they were
         # handed out (see Part.release).
         behind: list[tuple[int, Part]] = []
         previous: Part | None = None
-        for n, (part, entry) in enumerate(sorted(self._selected_entries(selection),
-                                                 key=lambda pe: (order[id(pe[0])], pe[1].blob.offset))):
+        for n, (part, entry) in enumerate(entries):
             if previous is not None and part is not previous:
                 behind.append((n, previous))
             while behind and behind[0][0] < n - RELEASE_AFTER:
@@ -236,9 +243,11 @@ class BkpVolumesTarget:
     """Writes a volume set NAME.001.bkp, NAME.002.bkp, ... of at most
     ``volume_size`` bytes each (SPEC.md, "Volumes"). Instances go into the
     volume open when they arrive, with the patient, study and series
-    records they need; attributes and attachments, which come after the
-    instances, go into the volume open then, with copies of the records of
-    their owners. The set appears under its final names only when complete."""
+    records they need and, when told beforehand (``preload_attributes``),
+    the attributes of all four. Attachments, and attributes not told
+    beforehand, come after the instances and go into the volume open then,
+    with copies of the records of their owners. The set appears under its
+    final names only when complete."""
 
     def __init__(self, path: str, volume_size: int, *, overwrite: bool = False, level: int = 3) -> None:
         final = Path(path)
@@ -262,10 +271,27 @@ class BkpVolumesTarget:
         # An error that spoils the whole set (something too large, a volume that cannot be
         # started): later items are not written and finish() raises it, keeping no volume.
         self.fatal: DicomvaultError | None = None
+        # Attributes known before the instances (preload_attributes): each volume then carries
+        # those of every patient, study, series and instance it holds.
+        self.known_attributes: dict[tuple[str, str], Attributes] = {}
+        self.placed_attributes: set[tuple[str, str]] = set()
         self.files: list[Path] = []
 
     def lookup(self, sop_uid: str) -> str | None:
         return self.sha.get(sop_uid)
+
+    def preload_attributes(self, attributes: Iterable[Attributes]) -> None:
+        """The attributes the run will hand over after the instances, told
+        beforehand, so that they go into the volumes of their entities (every
+        volume that holds a patient, study, series or instance record also
+        holds its attributes) rather than the volume open at the end."""
+        for attrs in attributes:
+            self.known_attributes[(attrs.level, attrs.uid)] = attrs
+
+    def _attributes_of(self, item: Item) -> tuple[Attributes, ...]:
+        keys = [("patient", item.patient.key), ("study", item.study.study_uid),
+                ("series", item.series.series_uid), ("instance", item.instance.sop_uid)]
+        return tuple(self.known_attributes[k] for k in keys if k in self.known_attributes)
 
     def _chain(self, level: str, uid: str) -> tuple[Record, ...]:
         """The records an entity of ``level`` ``uid`` needs, as far as they are known."""
@@ -277,11 +303,12 @@ class BkpVolumesTarget:
         return tuple(r for r in (p, st, se) if r is not None)
 
     def _write(self, open_: Opener, expected: str, what: str, size: int, cost: int,
-               records: tuple[Record, ...]) -> tuple[OpenVolume | None, Blob | None, str]:
+               records: tuple[Record, ...],
+               attributes: tuple[Attributes, ...] = ()) -> tuple[OpenVolume | None, Blob | None, str]:
         if self.fatal is not None:
             return None, None, f"not written: {self.fatal}"
         try:
-            vol = self.set.place(size=size, cost=cost, records=records, what=what)
+            vol = self.set.place(size=size, cost=cost, records=records, what=what, attributes=attributes)
         except (VolumeSizeError, OSError) as exc:
             self.fatal = _as_fatal(exc)  # the export fails as a whole: a set must not lack it
             return None, None, str(self.fatal)
@@ -307,13 +334,15 @@ class BkpVolumesTarget:
         if stored is not None:
             return Outcome.CONFLICT, "the selection holds two different instances with this UID"
         records = (item.patient, item.study, item.series)
+        attributes = self._attributes_of(item)
         vol, blob, sha_or_reason = self._write(item.open, rec.sha256, f"instance {rec.sop_uid}", rec.size,
-                                               instance_cost(rec), records)
+                                               instance_cost(rec), records, attributes)
         if blob is None:
             return Outcome.FAILED, sha_or_reason
         record = msgspec.structs.replace(rec, sha256=sha_or_reason, size=blob.length)
         assert vol is not None
-        self.set.add_instance(vol, InstanceEntry(record, blob), records)  # type: ignore[arg-type]
+        self.set.add_instance(vol, InstanceEntry(record, blob), records, attributes)  # type: ignore[arg-type]
+        self.placed_attributes.update((a.level, a.uid) for a in attributes)
         self.sha[rec.sop_uid] = sha_or_reason
         self.patients.setdefault(item.patient.key, item.patient)
         self.studies.setdefault(item.study.study_uid, item.study)
@@ -324,6 +353,9 @@ class BkpVolumesTarget:
     def put_attributes(self, attrs: Attributes, policy: ConflictPolicy) -> tuple[Outcome, str]:
         if self.fatal is not None:
             return Outcome.FAILED, f"not written: {self.fatal}"
+        key = (attrs.level, attrs.uid)
+        if key in self.placed_attributes and self.known_attributes.get(key) == attrs:
+            return Outcome.STORED, ""  # already in the volume(s) of its entity
         records = self._chain(attrs.level, attrs.uid)
         try:
             vol = self.set.place(size=0, cost=len(msgspec.msgpack.encode(attrs)), records=records,

@@ -262,13 +262,16 @@ class VolumeSetWriter:
             raise VolumeSizeError(f"volume {vol.index} came out at {size} bytes, over the "
                                   f"volume size of {self.limit} bytes (a bug; nothing was kept)")
 
-    def place(self, *, size: int, cost: int, records: tuple[Record, ...], what: str) -> OpenVolume:
+    def place(self, *, size: int, cost: int, records: tuple[Record, ...], what: str,
+              attributes: tuple[Attributes, ...] = ()) -> OpenVolume:
         """The volume that takes a blob of ``size`` bytes whose entry costs
-        ``cost`` manifest bytes, with the ``records`` it refers to. Rolls over
-        to a new volume when the current one would grow past the limit."""
+        ``cost`` manifest bytes, with the ``records`` and ``attributes`` it
+        needs. Rolls over to a new volume when the current one would grow past
+        the limit."""
         while True:
             vol = self.current
-            meta = vol.meta + cost + records_cost(tuple(r for r in records if not vol.has(r)))
+            meta = (vol.meta + cost + records_cost(tuple(r for r in records if not vol.has(r)))
+                    + sum(_cost(a) for a in attributes if (a.level, a.uid) not in vol.attributes))
             need = self._size_at_most(vol, vol.writer.stream_pos + size, meta)
             if need <= self.limit:
                 return vol
@@ -276,7 +279,8 @@ class VolumeSetWriter:
                 vol.writer.settle()
                 continue
             if vol.empty:
-                alone = size_at_most(size, cost + records_cost(records), vol.base, self.frame_size)
+                alone = size_at_most(size, cost + records_cost(records) + sum(_cost(a) for a in attributes),
+                                     vol.base, self.frame_size)
                 raise VolumeSizeError(f"{what} ({size} bytes) does not fit in a volume of {self.limit} "
                                       f"bytes (a volume holding only it needs up to {alone} bytes); "
                                       "choose a larger --volume-size")
@@ -289,11 +293,14 @@ class VolumeSetWriter:
             raise VolumeSizeError(f"volume {vol.index} would exceed {self.limit} bytes: a file grew while "
                                   "it was being read")
 
-    def add_instance(self, vol: OpenVolume, entry: InstanceEntry, records: tuple[Record, ...]) -> None:
+    def add_instance(self, vol: OpenVolume, entry: InstanceEntry, records: tuple[Record, ...],
+                     attributes: tuple[Attributes, ...] = ()) -> None:
         for rec in records:
             vol.add(rec)
         vol.meta += instance_cost(entry.record)
         vol.instances.append(entry)
+        for attrs in attributes:
+            self.add_attributes(vol, attrs, ())
 
     def add_attachment(self, vol: OpenVolume, entry: AttachmentEntry, records: tuple[Record, ...]) -> None:
         for rec in records:
@@ -370,6 +377,7 @@ class Part:
         self._lock = threading.Lock()
         self._streams = 0  # blob streams open on the reader
         self._retired = False  # released: close the reader whenever no stream is open
+        self._plan: list[Blob] = []  # the blobs a restore will read, in order (BkpReader.plan)
         self.opened = keep_open  # whether its data was (or may be) read
         if not keep_open:
             reader.close()
@@ -387,7 +395,17 @@ class Part:
                                      "was being read")
             self._reader = reader
             self.opened = True
+            if self._plan:
+                reader.plan(self._plan)
         return self._reader
+
+    def plan(self, blobs: list[Blob]) -> None:
+        """The blobs about to be read from this file, in order: its reader decodes
+        their frames a little ahead (now, or when it is opened)."""
+        with self._lock:
+            self._plan = blobs
+            if self._reader is not None and blobs:
+                self._reader.plan(blobs)
 
     def open_blob(self, blob: Blob) -> BinaryIO:
         with self._lock:

@@ -72,6 +72,13 @@ def _export_run(ctx: Context, args: argparse.Namespace) -> Report:
             _check_fits(source, selection, args.volume_size)
             ctx.volume_size = args.volume_size
         target = ctx.open_target("bkp:" + args.output)
+        preload = getattr(target, "preload_attributes", None)
+        if preload is not None:  # a volume set puts attributes into the volumes of their entities
+            try:
+                preload(source.attributes(selection))
+            except BaseException:
+                target.finish(False)
+                raise
         report = transfer(ctx, source, target, selection, operation="export-db")
     finally:
         source.close()
