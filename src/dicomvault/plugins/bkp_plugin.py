@@ -18,6 +18,7 @@ from dicomvault.engine import (
     Kind,
     Opener,
     Outcome,
+    PassphraseRequiredError,
     PatientRecord,
     Rejected,
     Selection,
@@ -40,8 +41,8 @@ def _is_bkp(url: str) -> bool:
 
 
 class BkpSource:
-    def __init__(self, path: str) -> None:
-        self.reader = BkpReader(path)
+    def __init__(self, path: str, passphrase: str | None = None) -> None:
+        self.reader = BkpReader(path, passphrase=passphrase)
         self.description = f"backup file {path}"
         m = self.reader.manifest
         self.patients = {p.key: p for p in m.patients}
@@ -105,14 +106,12 @@ class BkpSource:
 class BkpTarget:
     """Writes a new .bkp file; it appears under its name only when complete."""
 
-    def __init__(self, path: str, *, overwrite: bool = False, level: int = 3) -> None:
-        final = Path(path)
-        if final.exists() and not overwrite:
-            raise UsageError(f"{path} exists; choose another name or pass --force to replace it")
-        if not final.parent.is_dir():
-            raise UsageError(f"the folder {final.parent} does not exist")
-        self.description = f"backup file {path}"
-        self.writer = BkpWriter(final, writer=f"dicomvault {__version__}", level=level)
+    def __init__(self, path: str, *, overwrite: bool = False, level: int = 3,
+                 passphrase: str | None = None) -> None:
+        final = _check_output(path, overwrite)
+        self.encrypted = passphrase is not None
+        self.description = f"{'encrypted ' if self.encrypted else ''}backup file {path}"
+        self.writer = BkpWriter(final, writer=f"dicomvault {__version__}", level=level, passphrase=passphrase)
         self.patients: dict[str, PatientRecord] = {}
         self.studies: dict[str, StudyRecord] = {}
         self.series: dict[str, SeriesRecord] = {}
@@ -181,12 +180,31 @@ class BkpTarget:
             raise
 
 
+def _check_output(path: str, overwrite: bool) -> Path:
+    final = Path(path)
+    if final.exists() and not overwrite:
+        raise UsageError(f"{path} exists; choose another name or pass --force to replace it")
+    if not final.parent.is_dir():
+        raise UsageError(f"the folder {final.parent} does not exist")
+    return final
+
+
 def _open_source(url: str, ctx: Context) -> BkpSource:
-    return BkpSource(_path(url))
+    path = _path(url)
+    try:
+        return BkpSource(path, ctx.passphrase.get(f"the backup {path}", ask=False))
+    except PassphraseRequiredError:
+        # Encrypted, and no --passphrase-env/--passphrase-file: ask in a terminal, else say how.
+        return BkpSource(path, ctx.passphrase.get(f"the encrypted backup {path}"))
 
 
 def _open_target(url: str, ctx: Context) -> BkpTarget:
-    return BkpTarget(_path(url), overwrite=bool(getattr(ctx, "force", False)))
+    path, overwrite = _path(url), bool(getattr(ctx, "force", False))
+    passphrase = None
+    if ctx.passphrase.encrypt:
+        _check_output(path, overwrite)  # before asking for a passphrase
+        passphrase = ctx.passphrase.get(f"the new encrypted backup {path}", confirm=True)
+    return BkpTarget(path, overwrite=overwrite, passphrase=passphrase)
 
 
 @hookimpl
