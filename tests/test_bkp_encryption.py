@@ -22,6 +22,7 @@ from dicomvault.engine import (
     EXIT_USAGE,
     ChecksumError,
     PassphraseRequiredError,
+    TruncatedError,
     UnsupportedFeatureError,
     WrongPassphraseError,
 )
@@ -206,6 +207,26 @@ def test_no_passphrase_says_the_file_is_encrypted_and_how_to_give_it(corpus: Cor
     assert stored(db) == {}
     with pytest.raises(PassphraseRequiredError, match="encrypted"):
         BkpReader(corpus.encrypted)
+
+
+def test_a_truncated_encrypted_file_is_truncated_before_any_passphrase_is_asked(
+        corpus: Corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cut = tmp_path / "cut.bkp"
+    cut.write_bytes(corpus.encrypted.read_bytes()[:-100])
+    monkeypatch.setattr(getpass, "getpass", lambda prompt="": pytest.fail("asked for a passphrase"))
+    monkeypatch.setattr(passphrase_mod, "_interactive", lambda: True)
+    with pytest.raises(TruncatedError):
+        BkpReader(cut)
+    res = run("--db", tmp_path / "db", "import-db", cut)
+    assert res.code != 0 and "truncated" in res.err
+
+
+def test_a_passphrase_file_with_a_windows_line_ending(corpus: Corpus, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(PASSPHRASE.encode("utf-8") + b"\r\n")
+    res = run("--db", tmp_path / "db", "import-db", corpus.encrypted, "--passphrase-file", secret)
+    assert res.code == 0, res.err
+    assert stored(tmp_path / "db") == corpus.instances
 
 
 def test_a_passphrase_for_a_file_that_is_not_encrypted_is_ignored(corpus: Corpus) -> None:
