@@ -1,4 +1,4 @@
-"""Encryption at rest of .bkp files (SPEC.md section 15): round trips with
+"""Encryption at rest of .bkp files (SPEC.md section 17): round trips with
 each passphrase source, wrong and missing passphrases, no patient data in
 the bytes of an encrypted file, tampering, and selective restore."""
 from __future__ import annotations
@@ -448,7 +448,7 @@ def test_other_commands_read_an_encrypted_bkp_with_the_same_options(
 
 
 def test_spec_key_derivation_and_key_check_vector() -> None:
-    """The test vector of SPEC.md section 15.7, recomputed with hashlib and AESGCM directly."""
+    """The test vector of SPEC.md section 17.7, recomputed with hashlib and AESGCM directly."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     spec = (Path(__file__).parent.parent / "SPEC.md").read_text(encoding="utf-8")

@@ -1,4 +1,4 @@
-"""Encryption at rest for .bkp files (SPEC.md, section 15 "Encryption").
+"""Encryption at rest for .bkp files (SPEC.md, section 17 "Encryption").
 
 A key frame (type 3) right after the header holds the scrypt parameters, the
 salt, a per-file nonce prefix and a key check value. Every data frame and the

@@ -33,7 +33,7 @@ assert HEADER.size == 64 and FRAME.size == 48 and FOOTER.size == 64
 
 FRAME_DATA = 1
 FRAME_MANIFEST = 2
-FRAME_KEY = 3  # key parameters of an encrypted file, right after the header (SPEC.md section 15)
+FRAME_KEY = 3  # key parameters of an encrypted file, right after the header (SPEC.md section 17)
 CODEC_NONE = 0
 CODEC_ZSTD = 1
 KNOWN_CODECS = (CODEC_NONE, CODEC_ZSTD)

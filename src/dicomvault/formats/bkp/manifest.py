@@ -20,7 +20,7 @@ from dicomvault.engine import (
 
 # Features this release can read. A file that lists another one under
 # required_features is refused with a message naming it.
-FEATURE_ENCRYPTION = "aes-256-gcm"  # frames and manifest sealed with AES-256-GCM (SPEC.md section 15)
+FEATURE_ENCRYPTION = "aes-256-gcm"  # frames and manifest sealed with AES-256-GCM (SPEC.md section 17)
 KNOWN_FEATURES: frozenset[str] = frozenset({FEATURE_ENCRYPTION})
 
 

@@ -72,7 +72,7 @@ class BkpWriter:
     def __init__(self, path: str | os.PathLike[str], *, writer: str, level: int = 3,
                  frame_size: int = FRAME_SIZE, threads: int | None = None, passphrase: str | None = None,
                  kdf_log2_n: int = DEFAULT_LOG2_N) -> None:
-        """With ``passphrase``, the file is encrypted (SPEC.md section 15); the key
+        """With ``passphrase``, the file is encrypted (SPEC.md section 17); the key
         derivation (scrypt, N = 2^kdf_log2_n) runs here, once."""
         self.final = Path(path)
         self.level = level
