@@ -29,6 +29,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "dicomvault.plugins.orthanc.plugin",
     "dicomvault.plugins.ops.replicate",
     "dicomvault.plugins.dicom_export.plugin",
+    "dicomvault.plugins.ops.bkp_tools",
     "dicomvault.plugins.dimse.plugin",
 )
 

@@ -80,8 +80,10 @@ class BkpSource:
                 if self._hierarchy(entry.record.series_uid) is None:
                     yield Rejected(f"instance {entry.record.sop_uid}", "its series, study or patient "
                                    "record is missing from the backup; not restored")
-        # In payload order, so frames are read once each, front to back.
-        for entry in sorted(self._selected_entries(selection), key=lambda e: e.blob.offset):
+        # In payload order, so frames are read once each, front to back, decoded a little ahead.
+        entries = sorted(self._selected_entries(selection), key=lambda e: e.blob.offset)
+        self.reader.plan(e.blob for e in entries)
+        for entry in entries:
             h = self._hierarchy(entry.record.series_uid)
             assert h is not None
             yield Item(entry.record, h[2], h[1], h[0], self._opener(entry.blob))

@@ -37,6 +37,18 @@ FRAME_KEY = 3  # key parameters of an encrypted file, right after the header (SP
 CODEC_NONE = 0
 CODEC_ZSTD = 1
 KNOWN_CODECS = (CODEC_NONE, CODEC_ZSTD)
+KNOWN_FRAME_TYPES = (FRAME_DATA, FRAME_MANIFEST)
+
+
+def known_frame_type(ftype: int) -> bool:
+    return ftype in KNOWN_FRAME_TYPES
+
+
+def is_critical_frame_type(ftype: int) -> bool:
+    """Frame types 0-127 are critical: a sequential reader (verify, salvage)
+    that does not know one must stop. Types 128-255 may be skipped: later
+    minor versions add such frames for things older readers can ignore."""
+    return ftype < 0x80
 
 # Header ``flags``: required-feature bits. A reader refuses a bit it does not know.
 FLAG_ENCRYPTED = 1 << 0

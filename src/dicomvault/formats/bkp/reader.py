@@ -11,6 +11,8 @@ import bisect
 import io
 import os
 import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -48,6 +50,7 @@ from .manifest import FEATURE_ENCRYPTION, KNOWN_FEATURES, Blob, Manifest, decode
 
 MAX_MANIFEST = 1 << 32  # refuse to allocate more than this from a length field
 CACHED_FRAMES = 8
+READ_AHEAD = 2  # planned frames decoded ahead of the reader, in the background
 
 
 class BkpOpenError(DicomvaultError):
@@ -68,6 +71,8 @@ class BkpReader:
         self._frames: dict[int, _Slot] = {}  # small cache, oldest first
         self._lock = threading.Lock()  # blobs are read from several threads at once
         self.bytes_read = 0
+        self._plan: list[int] = []  # frames a caller will read, in order (see plan())
+        self._ahead: ThreadPoolExecutor | None = None
         self._cipher: FrameCipher | None = None
         try:
             self._open(passphrase)
@@ -191,7 +196,40 @@ class BkpReader:
             raise CorruptError(f"{what} has {len(data)} bytes, {raw} announced")
         return data
 
-    def read_frame(self, index: int) -> bytes:
+    def plan(self, blobs: Iterable[Blob]) -> None:
+        """Announce the blobs about to be read, in order: the frames they need
+        are then decoded a little ahead, in a background thread (zstd
+        releases the GIL), so readers rarely wait. Frames no planned blob
+        needs are never read."""
+        needed: set[int] = set()
+        for blob in blobs:
+            if blob.length:
+                last = self.frame_of(blob.offset + blob.length - 1)
+                needed.update(range(self.frame_of(blob.offset), last + 1))
+        self._plan = sorted(needed)
+        if self._plan and self._ahead is None:
+            self._ahead = ThreadPoolExecutor(1, thread_name_prefix="bkp-read-ahead")
+
+    def _read_ahead(self, index: int) -> None:
+        if self._ahead is None:
+            return
+        at = bisect.bisect_right(self._plan, index)
+        for nxt in self._plan[at:at + READ_AHEAD]:
+            with self._lock:
+                if nxt in self._frames:
+                    continue
+            try:
+                self._ahead.submit(self._quiet_read, nxt)
+            except RuntimeError:  # closed meanwhile
+                return
+
+    def _quiet_read(self, index: int) -> None:
+        try:
+            self.read_frame(index, ahead=False)
+        except DicomvaultError:
+            pass  # the reader that needs the frame gets the error itself
+
+    def read_frame(self, index: int, *, ahead: bool = True) -> bytes:
         """The content of data frame ``index``, verified.
 
         Thread-safe. A few recent frames stay cached; when several threads
@@ -205,6 +243,8 @@ class BkpReader:
                 slot = self._frames[index] = _Slot()
                 while len(self._frames) > CACHED_FRAMES:
                     self._frames.pop(next(iter(self._frames)))
+        if ahead:
+            self._read_ahead(index)
         if not owner:
             slot.ready.wait()
             if slot.error is not None:
@@ -244,6 +284,9 @@ class BkpReader:
         return bisect.bisect_right(self._starts, stream_offset) - 1
 
     def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.shutdown(wait=True, cancel_futures=True)
+            self._ahead = None
         self.fh.close()
         self._frames.clear()
 

@@ -1,0 +1,437 @@
+"""``bkp validate`` and ``bkp verify``: check a .bkp against SPEC.md and
+report every finding, not just the first.
+
+``validate`` checks structure and schema: header, footer, the manifest
+(decoded, then checked against the schema and the consistency rules of
+SPEC.md section 8.6), and the chain of frame headers from offset 64 to the
+manifest (48 bytes each, payloads are not read). ``verify`` adds everything
+that needs the payload: every frame's checksum and decoding, and the SHA-256
+of every instance and attachment.
+
+Each finding has a stable ``code`` (SPEC.md section 15): scripts may rely
+on codes, never on message wording. Messages name offsets, frame numbers
+and UIDs, never patient names or IDs.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import zstandard
+
+from dicomvault.engine import (
+    ChecksumError,
+    CorruptError,
+    FormatError,
+    TruncatedError,
+    UnsupportedFeatureError,
+    UnsupportedVersionError,
+)
+
+from .layout import (
+    CODEC_ZSTD,
+    FOOTER,
+    FOOTER_MAGIC,
+    FRAME,
+    FRAME_DATA,
+    FRAME_MAGIC,
+    FRAME_MANIFEST,
+    HEADER,
+    HEADER_MAGIC,
+    KNOWN_CODECS,
+    MAJOR,
+    is_critical_frame_type,
+    known_frame_type,
+    xxh3,
+)
+from .manifest import KNOWN_FEATURES, Manifest
+from .reader import MAX_MANIFEST, BkpReader
+
+ERROR, WARNING, INFO = "error", "warning", "info"
+
+
+class Finding(msgspec.Struct, frozen=True, omit_defaults=True):
+    code: str
+    severity: str
+    message: str
+    offset: int | None = None
+
+
+class Result(msgspec.Struct, kw_only=True):
+    """What ``bkp validate``/``bkp verify`` print with ``--json``."""
+
+    file: str
+    check: str  # "validate" or "verify"
+    valid: bool = True
+    version: str = ""
+    size: int = 0
+    frames: int = 0
+    instances: int = 0
+    attachments: int = 0
+    bytes_verified: int = 0
+    findings: list[Finding] = msgspec.field(default_factory=list)
+
+
+class _Stop(Exception):
+    """A finding after which nothing further can be checked."""
+
+
+class _Checker:
+    def __init__(self, path: Path, check: str) -> None:
+        self.path = path
+        self.result = Result(file=str(path), check=check)
+        self.fd = -1
+        self.size = 0
+
+    def add(self, code: str, message: str, offset: int | None = None, severity: str = ERROR) -> None:
+        self.result.findings.append(Finding(code, severity, message, offset))
+        if severity == ERROR:
+            self.result.valid = False
+
+    def stop(self, code: str, message: str, offset: int | None = None) -> None:
+        self.add(code, message, offset)
+        raise _Stop()
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    # ------------------------------------------------------------------ header and footer
+    def header(self) -> tuple[int, int, bytes]:
+        raw = self.pread(HEADER.size, 0)
+        if raw[:8] != HEADER_MAGIC:
+            self.stop("header.magic", "not a .bkp file (the header magic is missing)", 0)
+        if len(raw) < HEADER.size:
+            self.stop("header.truncated", "the header is incomplete", 0)
+        _magic, major, minor, flags, file_id, _created, reserved, check = HEADER.unpack(raw)
+        self.result.version = f"{major}.{minor}"
+        if xxh3(raw[:56]) != check:
+            self.add("header.checksum", "the header checksum does not match", 0)
+        if major != MAJOR:
+            self.stop("version.unsupported", f"format version {major}.{minor}; this release reads "
+                      f"major version {MAJOR}", 0)
+        if flags:
+            self.add("header.flags", f"header flags {flags:#x} are set; this release knows no flag", 0)
+        if reserved != bytes(16):
+            self.add("header.reserved", "reserved header bytes are not zero", 0)
+        return major, minor, file_id
+
+    def footer(self, file_id: bytes) -> tuple[int, int, int] | None:
+        if self.size < HEADER.size + FOOTER.size:
+            self.add("footer.missing", "the file is too short to hold a footer "
+                     "(truncated: try bkp salvage)", self.size)
+            return None
+        at = self.size - FOOTER.size
+        raw = self.pread(FOOTER.size, at)
+        if raw[-8:] != FOOTER_MAGIC:
+            self.add("footer.missing", "no footer at the end of the file (truncated or unfinished: "
+                     "try bkp salvage)", at)
+            return None
+        moff, mlen, frames, fid, reserved, check, _magic = FOOTER.unpack(raw)
+        if xxh3(raw[:48]) != check:
+            self.add("footer.checksum", "the footer checksum does not match", at)
+            return None
+        if reserved != bytes(8):
+            self.add("footer.reserved", "reserved footer bytes are not zero", at)
+        if fid != file_id:
+            self.add("footer.file-id", "header and footer belong to different .bkp files", at)
+        if not (HEADER.size <= moff and mlen >= FRAME.size and moff + mlen <= at):
+            self.add("footer.bounds", f"the footer points outside the file (manifest at {moff}, "
+                     f"{mlen} bytes)", at)
+            return None
+        if moff + mlen != at:
+            self.add("layout.trailing", f"{at - moff - mlen} bytes between the manifest frame and the "
+                     "footer", moff + mlen)
+        return moff, mlen, frames
+
+    # ------------------------------------------------------------------ frames
+    def frame_header(self, at: int) -> tuple[int, int, int, int, int, int] | None:
+        raw = self.pread(FRAME.size, at)
+        if len(raw) < FRAME.size:
+            self.add("frame.truncated", f"frame header at offset {at} is incomplete", at)
+            return None
+        magic, ftype, codec, reserved, seq, stored, rawlen, pcheck, hcheck = FRAME.unpack(raw)
+        if magic != FRAME_MAGIC:
+            self.add("frame.magic", f"no frame at offset {at} (bad frame magic)", at)
+            return None
+        if xxh3(raw[:40]) != hcheck:
+            self.add("frame.header-checksum", f"frame header at offset {at} is damaged", at)
+            return None
+        if reserved:
+            self.add("frame.reserved", f"frame at offset {at}: reserved field is not zero", at)
+        return ftype, codec, seq, stored, rawlen, pcheck
+
+    def manifest(self, moff: int, mlen: int, major: int, minor: int) -> Manifest | None:
+        head = self.frame_header(moff)
+        if head is None:
+            return None
+        ftype, codec, _seq, stored, raw, check = head
+        if ftype != FRAME_MANIFEST or stored != mlen - FRAME.size:
+            self.add("manifest.frame", "the footer does not point at the manifest frame", moff)
+            return None
+        if codec not in KNOWN_CODECS:
+            self.add("frame.codec", f"the manifest uses codec {codec}, unknown to this release", moff)
+            return None
+        if raw > MAX_MANIFEST:
+            self.add("manifest.size", f"manifest length {raw} is implausible", moff)
+            return None
+        payload = self.pread(stored, moff + FRAME.size)
+        if len(payload) != stored:
+            self.add("manifest.truncated", "the manifest is incomplete", moff)
+            return None
+        if xxh3(payload) != check:
+            self.add("manifest.checksum", "the manifest frame is damaged (checksum mismatch)", moff)
+            return None
+        data = self.decode(payload, codec, raw, "the manifest", moff, "manifest.decode")
+        if data is None:
+            return None
+        try:
+            plain = msgspec.msgpack.decode(data)
+        except msgspec.MsgspecError as exc:
+            self.add("manifest.decode", f"the manifest is not valid MessagePack: {exc}", moff)
+            return None
+        try:
+            m = msgspec.convert(plain, Manifest, strict=True)
+        except msgspec.ValidationError as exc:
+            self.add("manifest.schema", f"the manifest does not match the schema: {exc}", moff)
+            return None
+        if m.format != "dicomvault-bkp":
+            self.add("manifest.format", f"manifest format is {m.format!r}, not 'dicomvault-bkp'", moff)
+        if m.major != MAJOR:
+            self.stop("version.unsupported", f"the manifest has format version {m.major}.{m.minor}", moff)
+        if (m.major, m.minor) != (major, minor):
+            self.add("manifest.version-mismatch", f"header says {major}.{minor}, manifest "
+                     f"{m.major}.{m.minor}", moff)
+        unknown = [f for f in m.required_features if f not in KNOWN_FEATURES]
+        if unknown:
+            self.stop("feature.required-unknown", "needs feature(s) this release does not implement: "
+                      + ", ".join(unknown), moff)
+        for name in m.optional_features:
+            if name not in KNOWN_FEATURES:
+                self.add("feature.optional-unknown", f"optional feature {name!r} is not known to this "
+                         "release (ignored)", moff, INFO)
+        return m
+
+    def decode(self, payload: bytes, codec: int, raw: int, what: str, at: int, code: str) -> bytes | None:
+        if codec != CODEC_ZSTD:
+            if len(payload) != raw:
+                self.add(code, f"{what} has {len(payload)} bytes, {raw} announced", at)
+                return None
+            return payload
+        try:
+            announced = zstandard.frame_content_size(payload)
+        except zstandard.ZstdError as exc:
+            self.add(code, f"{what} cannot be decompressed: {exc}", at)
+            return None
+        if announced != raw:
+            self.add(code, f"{what}: its zstd frame announces {announced} bytes, its header {raw}", at)
+            return None
+        try:
+            return zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw) if raw else b""
+        except zstandard.ZstdError as exc:
+            self.add(code, f"{what} cannot be decompressed: {exc}", at)
+            return None
+
+    def walk(self, m: Manifest, moff: int, nframes: int) -> None:
+        """Follow the frame headers from offset 64 to the manifest frame."""
+        index = {fe.offset: i for i, fe in enumerate(m.frames)}
+        if len(m.frames) != nframes:
+            self.add("index.count", f"the footer counts {nframes} data frames, the index {len(m.frames)}")
+        expected = 0
+        for i, fe in enumerate(m.frames):
+            if fe.stream_offset != expected:
+                self.add("index.stream-offset", f"index entry {i}: stream offset {fe.stream_offset}, "
+                         f"expected {expected}", fe.offset)
+            expected += fe.raw
+        seen: set[int] = set()
+        at, seq = HEADER.size, 0
+        while at < moff:
+            head = self.frame_header(at)
+            if head is None:
+                self.add("layout.chain", f"the frame chain breaks at offset {at}", at)
+                break
+            ftype, codec, fseq, stored, raw, _check = head
+            if ftype == FRAME_DATA:
+                listed = index.get(at)
+                if listed is None:
+                    self.add("index.unlisted", f"data frame {fseq} at offset {at} is not in the index", at)
+                else:
+                    i = listed
+                    fe = m.frames[i]
+                    seen.add(i)
+                    if (fseq, stored, raw, codec) != (i, fe.stored, fe.raw, fe.codec) or fseq != seq:
+                        self.add("index.mismatch", f"data frame at offset {at} does not match index "
+                                 f"entry {i}", at)
+                if codec not in KNOWN_CODECS:
+                    self.add("frame.codec", f"frame at offset {at} uses codec {codec}, unknown to this "
+                             "release", at)
+                seq += 1
+            elif ftype == FRAME_MANIFEST:
+                self.add("layout.manifest", f"a second manifest frame at offset {at}", at)
+            elif not known_frame_type(ftype):
+                if is_critical_frame_type(ftype):
+                    self.add("frame.critical-unknown", f"frame at offset {at} has type {ftype}, critical "
+                             "and unknown to this release", at)
+                else:
+                    self.add("frame.unknown", f"frame at offset {at} has type {ftype}, not critical "
+                             "(skipped)", at, INFO)
+            at += FRAME.size + stored
+        else:
+            if at != moff:
+                self.add("layout.overlap", f"the last frame before the manifest ends at {at}, the "
+                         f"manifest starts at {moff}", moff)
+        for i, fe in enumerate(m.frames):
+            if i not in seen and not (fe.offset < HEADER.size or fe.offset >= moff):
+                self.add("index.unvisited", f"index entry {i} points at offset {fe.offset}, which is "
+                         "not a frame of the chain", fe.offset)
+            elif i not in seen:
+                self.add("index.bounds", f"index entry {i} points outside the frames ({fe.offset})",
+                         fe.offset)
+        self.stream_size = expected
+
+    def records(self, m: Manifest) -> None:
+        """SPEC.md section 8.6, rules 2, 3 (sizes), 4 and 5."""
+        size = self.stream_size
+        for what, blob, length in ([(f"instance {e.record.sop_uid}", e.blob, e.record.size)
+                                    for e in m.instances]
+                                   + [(f"attachment {e.record.attachment_id}", e.blob, e.record.size)
+                                      for e in m.attachments]):
+            if blob.offset < 0 or blob.length < 0 or blob.offset + blob.length > size:
+                self.add("blob.bounds", f"{what}: its blob points outside the payload stream")
+            if length != blob.length:
+                self.add("blob.size", f"{what}: its record says {length} bytes, its blob {blob.length}")
+        for what, sha in ([(f"instance {e.record.sop_uid}", e.record.sha256) for e in m.instances]
+                          + [(f"attachment {e.record.attachment_id}", e.record.sha256)
+                             for e in m.attachments]):
+            if len(sha) != 64 or sha.strip("0123456789abcdef"):
+                self.add("record.sha256", f"{what}: sha256 is not 64 lower-case hexadecimal digits")
+
+        def unique(kind: str, keys: list[str]) -> set[str]:
+            seen: set[str] = set()
+            for k in keys:
+                if k in seen:
+                    self.add("record.duplicate", f"{kind} {k} appears more than once")
+                seen.add(k)
+            return seen
+
+        patients = unique("patient", [p.key for p in m.patients])
+        studies = unique("study", [s.study_uid for s in m.studies])
+        series = unique("series", [s.series_uid for s in m.series])
+        instances = unique("instance", [e.record.sop_uid for e in m.instances])
+        unique("attachment", [e.record.attachment_id for e in m.attachments])
+        unique("attributes", [f"{a.level}:{a.uid}" for a in m.attributes])
+        for s in m.studies:
+            if s.patient_key not in patients:
+                self.add("record.dangling", f"study {s.study_uid}: its patient is not in the file")
+        for se in m.series:
+            if se.study_uid not in studies:
+                self.add("record.dangling", f"series {se.series_uid}: its study is not in the file")
+        for e in m.instances:
+            if e.record.series_uid not in series:
+                self.add("record.dangling", f"instance {e.record.sop_uid}: its series is not in the file")
+        owners = {"patient": patients, "study": studies, "series": series, "instance": instances}
+        for a in m.attributes:
+            if a.uid not in owners[a.level]:
+                who = "a patient" if a.level == "patient" else f"{a.level} {a.uid}"
+                self.add("record.dangling", f"attributes of {who}: the entity is not in the file")
+        for att in m.attachments:
+            if att.record.level == "instance" or att.record.uid not in owners[att.record.level]:
+                self.add("record.dangling", f"attachment {att.record.attachment_id}: its owner is not in "
+                         "the file")
+
+    # ------------------------------------------------------------------ verify
+    def deep(self) -> None:
+        """Every frame decoded and checked, every blob's SHA-256 compared."""
+        try:
+            reader = BkpReader(self.path)
+        except FormatError as exc:
+            self.add(_code_of(exc), str(exc))
+            return
+        try:
+            bad_frames: set[int] = set()
+            for i in range(len(reader.manifest.frames)):
+                try:
+                    reader.read_frame(i)
+                except FormatError as exc:
+                    bad_frames.add(i)
+                    self.add(_code_of(exc, "frame"), str(exc), reader.manifest.frames[i].offset)
+            entries = sorted([(e.blob, f"instance {e.record.sop_uid}", e.record.sha256)
+                              for e in reader.manifest.instances]
+                             + [(e.blob, f"attachment {e.record.attachment_id}", e.record.sha256)
+                                for e in reader.manifest.attachments], key=lambda t: t[0].offset)
+            for blob, what, sha in entries:
+                if blob.length and _frames_of(reader, blob) & bad_frames:
+                    self.add("blob.unreadable", f"{what}: lies in a damaged frame")
+                    continue
+                digest = hashlib.sha256()
+                try:
+                    with reader.open_blob(blob) as fh:
+                        while chunk := fh.read(1 << 20):
+                            digest.update(chunk)
+                except FormatError as exc:
+                    self.add("blob.unreadable", f"{what}: {exc}")
+                    continue
+                if digest.hexdigest() != sha:
+                    self.add("blob.sha256", f"{what}: its SHA-256 does not match its record")
+                self.result.bytes_verified += blob.length
+        finally:
+            reader.close()
+
+
+def _frames_of(reader: BkpReader, blob: msgspec.Struct) -> set[int]:
+    first = reader.frame_of(blob.offset)  # type: ignore[attr-defined]
+    last = reader.frame_of(blob.offset + blob.length - 1)  # type: ignore[attr-defined]
+    return set(range(first, last + 1))
+
+
+def _code_of(exc: FormatError, where: str = "file") -> str:
+    for cls, name in ((ChecksumError, "checksum"), (TruncatedError, "truncated"),
+                      (UnsupportedVersionError, "unsupported-version"),
+                      (UnsupportedFeatureError, "unsupported-feature"), (CorruptError, "corrupt")):
+        if isinstance(exc, cls):
+            return f"{where}.{name}"
+    return f"{where}.error"
+
+
+def check(path: str | os.PathLike[str], *, deep: bool = False) -> Result:
+    """Validate (``deep=False``) or verify (``deep=True``) one file. Never
+    raises for anything the file holds; a missing file raises OSError."""
+    checker = _Checker(Path(path), "verify" if deep else "validate")
+    checker.fd = os.open(checker.path, os.O_RDONLY)
+    try:
+        checker.size = checker.result.size = os.fstat(checker.fd).st_size
+        try:
+            major, minor, file_id = checker.header()
+            foot = checker.footer(file_id)
+            if foot is None:
+                raise _Stop()
+            moff, mlen, nframes = foot
+            m = checker.manifest(moff, mlen, major, minor)
+            if m is None:
+                raise _Stop()
+            checker.result.frames = len(m.frames)
+            checker.result.instances = len(m.instances)
+            checker.result.attachments = len(m.attachments)
+            checker.walk(m, moff, nframes)
+            checker.records(m)
+            if deep and checker.result.valid:
+                checker.deep()
+        except _Stop:
+            pass
+    finally:
+        os.close(checker.fd)
+    return checker.result
+
+
+def validate(path: str | os.PathLike[str]) -> Result:
+    return check(path)
+
+
+def verify(path: str | os.PathLike[str]) -> Result:
+    return check(path, deep=True)
+
+
+def errors(result: Result) -> Iterator[Finding]:
+    return (f for f in result.findings if f.severity == ERROR)

@@ -1,0 +1,210 @@
+"""``bkp``: look into, check and rescue .bkp files without a database.
+
+    dicomvault bkp inspect FILE     header, versions, features, counts, writer
+    dicomvault bkp ls FILE          contents by patient, study and series (manifest only)
+    dicomvault bkp validate FILE    structure and schema against SPEC.md; findings with codes
+    dicomvault bkp verify FILE      reads everything: every checksum and every SHA-256
+    dicomvault bkp salvage FILE OUT recovers every intact instance into a new .bkp
+
+Exit codes: 0 good; 1 the file has errors (validate, verify) or not
+everything could be recovered (salvage); 2 the file cannot be read at all.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+from typing import Any
+
+import msgspec
+
+from dicomvault.engine import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    Context,
+    Operation,
+    UsageError,
+    hookimpl,
+)
+from dicomvault.formats.bkp.layout import FRAME, HEADER
+from dicomvault.formats.bkp.reader import BkpReader
+from dicomvault.formats.bkp.salvage import salvage
+from dicomvault.formats.bkp.validate import Result, check
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bkp_command", metavar="ACTION", required=True)
+    helps = {
+        "inspect": "header, format version, features, counts and writer of a .bkp",
+        "ls": "contents by patient, study and series, from the manifest alone",
+        "validate": "check structure and schema against SPEC.md (frame payloads are not read)",
+        "verify": "read everything: every frame checksum and every instance's SHA-256",
+        "salvage": "recover every intact instance of a damaged or truncated .bkp into a new .bkp",
+    }
+    for name, text in helps.items():
+        sp = sub.add_parser(name, help=text, description=text)
+        sp.add_argument("file", metavar="FILE.bkp")
+        if name == "salvage":
+            sp.add_argument("output", metavar="NEW.bkp", help="where the recovered instances go")
+        if name == "ls":
+            sp.add_argument("--level", choices=["patient", "study", "series", "instance"], default="series",
+                            help="how deep to show (default: series)")
+        sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print the result as JSON on stdout")
+
+
+def _emit(args: argparse.Namespace, data: Any, text: list[str]) -> None:
+    if args.json:
+        sys.stdout.write(msgspec.json.encode(data).decode() + "\n")
+    else:
+        sys.stdout.write("".join(line + "\n" for line in text))
+
+
+def _open(path: str) -> BkpReader:
+    return BkpReader(path)  # format errors go to the CLI: one line, exit code 2
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    reader = _open(args.file)
+    try:
+        m = reader.manifest
+        stored = sum(fe.stored for fe in m.frames)
+        info = {
+            "file": args.file, "size": reader.size, "format": m.format,
+            "version": f"{reader.major}.{reader.minor}", "writer": m.writer, "created": m.created,
+            "file_id": reader.file_id.hex(),
+            "required_features": m.required_features, "optional_features": m.optional_features,
+            "frames": len(m.frames), "payload_bytes": reader.stream_size, "stored_bytes": stored,
+            "patients": len(m.patients), "studies": len(m.studies), "series": len(m.series),
+            "instances": len(m.instances), "attributes": len(m.attributes),
+            "attachments": len(m.attachments),
+            "manifest_bytes": reader.size - HEADER.size - 64 - sum(FRAME.size + fe.stored for fe in m.frames),
+        }
+    finally:
+        reader.close()
+    ratio = f"{info['payload_bytes'] / stored:.2f}x" if stored else "-"
+    text = [
+        f"file        {args.file} ({info['size']:,} bytes)",
+        f"format      {info['format']} {info['version']}, written by {info['writer']} at {info['created']}",
+        f"features    required: {', '.join(m.required_features) or 'none'}; "
+        f"optional: {', '.join(m.optional_features) or 'none'}",
+        f"payload     {info['payload_bytes']:,} bytes in {info['frames']} frames, stored in {stored:,} "
+        f"({ratio})",
+        f"contents    {info['patients']} patients, {info['studies']} studies, {info['series']} series, "
+        f"{info['instances']} instances, {info['attachments']} attachments, "
+        f"{info['attributes']} attribute sets",
+    ]
+    _emit(args, info, text)
+    return EXIT_OK
+
+
+def _ls(args: argparse.Namespace) -> int:
+    reader = _open(args.file)
+    try:
+        m = reader.manifest
+    finally:
+        reader.close()
+    per_series: dict[str, list[Any]] = defaultdict(list)
+    for e in m.instances:
+        per_series[e.record.series_uid].append(e.record)
+    series_of: dict[str, list[Any]] = defaultdict(list)
+    for s in m.series:
+        series_of[s.study_uid].append(s)
+    studies_of: dict[str, list[Any]] = defaultdict(list)
+    for st in m.studies:
+        studies_of[st.patient_key].append(st)
+    depth = ["patient", "study", "series", "instance"].index(args.level)
+    tree: list[dict[str, Any]] = []
+    text: list[str] = []
+    for p in m.patients:
+        pnode: dict[str, Any] = {"level": "patient", "key": p.key, "patient_id": p.patient_id,
+                                 "name": p.name, "studies": []}
+        tree.append(pnode)
+        n_inst = sum(len(per_series[se.series_uid])
+                     for st in studies_of[p.key] for se in series_of[st.study_uid])
+        text.append(f"PATIENT {p.name or '(no name)'}  id={p.patient_id or '(none)'}  "
+                    f"[{len(studies_of[p.key])} studies, {n_inst} instances]")
+        if depth < 1:
+            continue
+        for st in studies_of[p.key]:
+            snode: dict[str, Any] = {"level": "study", "uid": st.study_uid, "date": st.date,
+                                     "description": st.description, "series": []}
+            pnode["studies"].append(snode)
+            text.append(f"  STUDY {st.date or '--------'} {st.description or '(no description)'}  "
+                        f"{st.study_uid}  [{len(series_of[st.study_uid])} series]")
+            if depth < 2:
+                continue
+            for se in series_of[st.study_uid]:
+                recs = per_series[se.series_uid]
+                size = sum(r.size for r in recs)
+                senode: dict[str, Any] = {"level": "series", "uid": se.series_uid, "modality": se.modality,
+                                          "number": se.number, "description": se.description,
+                                          "instances": len(recs), "size": size}
+                snode["series"].append(senode)
+                num = "" if se.number is None else f"#{se.number} "
+                text.append(f"    SERIES {se.modality or '??'} {num}{se.description or ''}  {se.series_uid}  "
+                            f"[{len(recs)} instances, {size:,} bytes]")
+                if depth < 3:
+                    continue
+                senode["items"] = [{"sop_uid": r.sop_uid, "size": r.size, "sha256": r.sha256} for r in recs]
+                text.extend(f"      {r.sop_uid}  [{r.size:,} bytes  sha256={r.sha256}]" for r in recs)
+    if m.attachments:
+        text.append(f"({len(m.attachments)} attachments)")
+    _emit(args, tree, text or ["(the file holds no instances)"])
+    return EXIT_OK
+
+
+def _check(args: argparse.Namespace, deep: bool) -> int:
+    try:
+        result: Result = check(args.file, deep=deep)
+    except OSError as exc:
+        raise UsageError(f"cannot open {args.file}: {exc.strerror}") from exc
+    text = [f"{f.severity.upper():7} {f.code:26} {f.message}" for f in result.findings]
+    verdict = "valid" if result.valid else "INVALID"
+    what = (f"{result.instances} instances, {result.attachments} attachments, {result.frames} frames"
+            + (f", {result.bytes_verified:,} bytes hashed" if deep else ""))
+    text.append(f"{args.file}: {verdict} (format {result.version or '?'}; {what})")
+    _emit(args, result, text)
+    if result.valid:
+        return EXIT_OK
+    return EXIT_PARTIAL if result.version else EXIT_FAILED  # no version: not even a header
+
+
+def _salvage(args: argparse.Namespace) -> int:
+    if os.path.exists(args.output):
+        raise UsageError(f"{args.output} exists; choose another name")
+    try:
+        result = salvage(args.file, args.output)
+    except OSError as exc:
+        raise UsageError(f"cannot salvage {args.file}: {exc.strerror or exc}") from exc
+    text = [f"note: {n}" for n in result.notes]
+    text += [f"lost: {line}" for line in result.lost]
+    text.append(f"{result.instances_recovered} instances and {result.attachments_recovered} attachments "
+                f"recovered into {args.output} (by {result.method}; {result.frames_intact} frames intact, "
+                f"{result.frames_damaged} damaged"
+                + (f"; {result.instances_lost} instances and {result.attachments_lost} attachments lost"
+                   if result.method == "manifest" else "") + ")")
+    _emit(args, result, text)
+    complete = result.method == "manifest" and not result.lost and not result.frames_damaged
+    if complete:
+        return EXIT_OK
+    return EXIT_PARTIAL if result.instances_recovered or result.attachments_recovered else EXIT_FAILED
+
+
+def run(ctx: Context, args: argparse.Namespace) -> int:
+    action = args.bkp_command
+    if action == "inspect":
+        return _inspect(args)
+    if action == "ls":
+        return _ls(args)
+    if action in ("validate", "verify"):
+        return _check(args, deep=action == "verify")
+    return _salvage(args)
+
+
+@hookimpl
+def dicomvault_register_operations() -> list[Operation]:
+    return [Operation(name="bkp", help="inspect, list, validate, verify or salvage a .bkp file",
+                      configure=configure, run=run)]

@@ -1,0 +1,153 @@
+"""Compatibility forever: the golden .bkp files of every released format
+version are read by this release exactly as their expected contents say.
+
+The files under ``tests/golden/bkp/v1/`` are append-only (``SHA256SUMS``
+holds them); ``tests/golden/make_golden.py`` adds new ones and never
+rewrites old ones. Each positive file is read by the real reader, by the
+independent reader of ``test_spec.py`` (written from SPEC.md alone) and by
+``import-db``; each negative file fails with its own error class and a
+message that names what is wrong.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import jsonschema
+import msgspec
+import pytest
+
+from dicomvault import engine
+from dicomvault.formats.bkp import schema
+from dicomvault.formats.bkp.reader import BkpReader
+from dicomvault.formats.bkp.validate import validate, verify
+from test_spec import SpecError, SpecReader
+
+V1 = Path(__file__).resolve().parent / "golden" / "bkp" / "v1"
+POSITIVE = sorted(p.name for p in V1.glob("*.bkp"))
+NEGATIVE = sorted(p.name for p in (V1 / "negative").glob("*.bkp"))
+
+
+def _expected(path: Path) -> dict:
+    return json.loads(path.with_suffix(".expected.json").read_text(encoding="utf-8"))
+
+
+def test_golden_files_are_unchanged_and_all_listed() -> None:
+    sums = dict(reversed(line.split("  ", 1)) for line in (V1 / "SHA256SUMS").read_text().splitlines())
+    on_disk = {p.relative_to(V1).as_posix() for p in V1.rglob("*") if p.is_file() and p.name != "SHA256SUMS"}
+    assert on_disk == set(sums), "every golden file is listed in SHA256SUMS, and only those"
+    for rel, digest in sums.items():
+        assert hashlib.sha256((V1 / rel).read_bytes()).hexdigest() == digest, f"{rel} was rewritten"
+    assert {"basic.bkp", "empty.bkp", "newer-minor.bkp"} <= set(POSITIVE)
+    assert len(NEGATIVE) >= 5
+
+
+@pytest.mark.parametrize("name", POSITIVE)
+def test_reader_lists_and_extracts_exactly_the_expected_contents(name: str) -> None:
+    exp = _expected(V1 / name)
+    reader = BkpReader(V1 / name)
+    try:
+        m = reader.manifest
+        assert f"{reader.major}.{reader.minor}" == exp["version"]
+        assert m.required_features == exp["required_features"]
+        assert m.optional_features == exp["optional_features"]
+        for key in ("patients", "studies", "series", "attributes"):
+            assert msgspec.to_builtins(getattr(m, key)) == exp[key], key
+        assert [msgspec.to_builtins(e.record) for e in m.instances] == exp["instances"]
+        assert [msgspec.to_builtins(e.record) for e in m.attachments] == exp["attachments"]
+        for e in [*m.instances, *m.attachments]:
+            with reader.open_blob(e.blob) as fh:
+                data = fh.read()
+            assert len(data) == e.record.size
+            assert hashlib.sha256(data).hexdigest() == e.record.sha256
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("name", POSITIVE)
+def test_independent_spec_reader_lists_and_extracts_them(name: str) -> None:
+    exp = _expected(V1 / name)
+    with SpecReader(V1 / name) as r:
+        sop_uids = [e["record"]["sop_uid"] for e in r.manifest["instances"]]
+        assert sop_uids == [i["sop_uid"] for i in exp["instances"]]
+        for e in [*r.manifest["instances"], *r.manifest["attachments"]]:
+            data = r.extract(e["blob"])
+            assert hashlib.sha256(data).hexdigest() == e["record"]["sha256"]
+
+
+@pytest.mark.parametrize("name", POSITIVE)
+def test_validate_and_verify_find_no_error(name: str) -> None:
+    for result in (validate(V1 / name), verify(V1 / name)):
+        assert result.valid, result.findings
+    if name == "newer-minor.bkp":  # what a later minor version added is reported, not refused
+        codes = {f.code for f in validate(V1 / name).findings}
+        assert codes == {"feature.optional-unknown", "frame.unknown"}
+
+
+@pytest.mark.parametrize("name", POSITIVE)
+def test_manifests_match_the_committed_json_schema(name: str) -> None:
+    with SpecReader(V1 / name) as r:
+        manifest = r.manifest
+    jsonschema.validate(manifest, schema.committed())
+
+
+def test_committed_schema_matches_the_code() -> None:
+    """Fails when the msgspec types change without regenerating the
+    published schema (see the docstring of dicomvault.formats.bkp.schema)."""
+    assert schema.committed() == schema.generate()
+    assert schema.dumps(schema.committed()) == (
+        Path(schema.__file__).with_name("manifest.schema.json").read_text(encoding="utf-8"))
+
+
+def test_schema_rejects_what_the_reader_rejects() -> None:
+    with SpecReader(V1 / "basic.bkp") as r:
+        manifest = r.manifest
+    broken = json.loads(json.dumps(manifest))
+    broken["instances"][0]["record"]["size"] = "large"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema.committed())
+    del broken["instances"][0]["record"]["sop_uid"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema.committed())
+
+
+@pytest.mark.parametrize("name", ["basic.bkp", "newer-minor.bkp"])
+def test_import_db_restores_everything(cli, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-def]
+    db = tmp_path / "restored"
+    res = cli("--db", db, "--json", "import-db", V1 / name)
+    assert res.code == 0, res.err
+    exp = _expected(V1 / name)
+    counts = res.json()["counts"]
+    assert counts["instance"] == {"stored": len(exp["instances"])}
+    assert counts["attachment"] == {"stored": len(exp["attachments"])}
+    same = cli("--db", db, "--json", "compare", V1 / name, "--whole")
+    assert same.code == 0, same.out
+
+
+@pytest.mark.parametrize("name", NEGATIVE)
+def test_negative_files_fail_with_their_own_error(name: str) -> None:
+    exp = _expected(V1 / "negative" / name)
+    cls = getattr(engine, exp["error"])
+    path = V1 / "negative" / name
+    with pytest.raises(cls) as info:
+        reader = BkpReader(path)
+        try:
+            assert exp["when"] == "extract", "opening should have failed"
+            for e in [*reader.manifest.instances, *reader.manifest.attachments]:
+                with reader.open_blob(e.blob) as fh:
+                    fh.read()
+        finally:
+            reader.close()
+    assert type(info.value) is cls
+    assert exp["message"] in str(info.value)
+    assert not validate(path).valid or not verify(path).valid
+    with pytest.raises(SpecError):  # the independent reader refuses them too
+        with SpecReader(path) as r:
+            for e in [*r.manifest["instances"], *r.manifest["attachments"]]:
+                r.extract(e["blob"])
+
+
+def test_negative_files_have_distinct_error_classes() -> None:
+    classes = [_expected(V1 / "negative" / n)["error"] for n in NEGATIVE]
+    assert len(set(classes)) == len(classes)
