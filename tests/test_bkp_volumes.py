@@ -176,7 +176,7 @@ def test_a_reader_without_the_feature_refuses_a_volume(corpus: VolumeCorpus,
     from dicomvault.formats.bkp import reader as reader_module
 
     monkeypatch.setattr(reader_module, "KNOWN_FEATURES", frozenset())
-    assert manifest_module.KNOWN_FEATURES == frozenset({"volumes"})
+    assert "volumes" in manifest_module.KNOWN_FEATURES
     with pytest.raises(UnsupportedFeatureError, match="volumes"):
         BkpReader(corpus.volumes[1])
 
@@ -209,8 +209,8 @@ def test_selective_restore_reads_only_the_volumes_that_hold_it(cli, corpus: Volu
     readers: list[BkpReader] = []
 
     class Recording(BkpReader):
-        def __init__(self, path: object) -> None:
-            super().__init__(path)  # type: ignore[arg-type]
+        def __init__(self, path: object, passphrase: str | None = None) -> None:
+            super().__init__(path, passphrase=passphrase)  # type: ignore[arg-type]
             readers.append(self)
 
     monkeypatch.setattr(volumes, "BkpReader", Recording)
@@ -434,3 +434,34 @@ def test_the_target_alone_also_refuses_an_instance_too_large(corpus: VolumeCorpu
     finally:
         ctx.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_encrypted_volume_set(cli, corpus: VolumeCorpus, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every volume is an encrypted file of its own (own key frame and key, one passphrase),
+    still within the volume size; the set restores with the passphrase and not without."""
+    monkeypatch.setenv("DV_PASS", "correct horse battery staple")
+    out = tmp_path / "out"
+    out.mkdir()
+    res = cli("--db", corpus.db, "export-db", out / "enc.bkp", "--whole", "--volume-size", "400K",
+              "--encrypt", "--passphrase-env", "DV_PASS")
+    assert res.code == 0, res.err
+    vols = sorted(out.iterdir())
+    assert len(vols) >= 3 and [p.name for p in vols] == [f"enc.{i:03d}.bkp" for i in range(1, len(vols) + 1)]
+    for i, path in enumerate(vols, 1):
+        assert path.stat().st_size <= VOLUME_SIZE
+        reader = BkpReader(path, passphrase="correct horse battery staple")
+        m = reader.manifest
+        assert set(m.required_features) == {"volumes", "aes-256-gcm"}
+        assert isinstance(m.volume, Volume) and (m.volume.index, m.volume.last) == (i, i == len(vols))
+        reader.close()
+    res = cli("--db", tmp_path / "no", "import-db", out / "enc.bkp")
+    assert res.code != 0 and "passphrase" in error_line(res)
+    restored = tmp_path / "restored"
+    res = cli("--db", restored, "import-db", out / "enc.bkp", "--passphrase-env", "DV_PASS", "--json")
+    assert res.code == 0, res.err
+    source = catalog(corpus.db)
+    restored_catalog = catalog(restored)
+    for part in source:
+        assert restored_catalog[part] == source[part], part
+    assert check_consistent(restored) == check_consistent(corpus.db)

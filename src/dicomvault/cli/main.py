@@ -22,6 +22,7 @@ from dicomvault.engine import (
     UsageError,
     make_plugin_manager,
 )
+from dicomvault.engine.passphrase import PassphraseSource
 
 from .progress import ProgressReporter
 from .summary import print_summary
@@ -80,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ctx = Context(hooks, args.db, json_output=args.json, quiet=args.quiet)
         pm.register(ProgressReporter(ctx, show_bar=not (args.quiet or args.json)), name="cli-progress")
         ctx.force = bool(getattr(args, "force", False))
+        ctx.passphrase = PassphraseSource.from_args(args)
         result = op.run(ctx, args)
     except DicomvaultError as exc:
         print(f"dicomvault: error: {exc}", file=sys.stderr)

@@ -13,12 +13,15 @@ from .errors import (
     DicomvaultError,
     FormatError,
     NotABackupError,
+    PassphraseError,
+    PassphraseRequiredError,
     PluginError,
     TruncatedError,
     UnsupportedFeatureError,
     UnsupportedVersionError,
     UsageError,
     VolumeSetError,
+    WrongPassphraseError,
 )
 from .hookspecs import hookimpl
 from .interfaces import Database, Kind, Operation, Source, Target, TreeNode
@@ -47,9 +50,10 @@ __all__ = [
     "EXIT_FAILED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "AttachmentRecord", "Attributes",
     "ChecksumError", "ConflictError", "ConflictPolicy", "Context", "CorruptError", "Database",
     "DatabaseError", "DicomvaultError", "Event", "FormatError", "Hooks", "InstanceRecord", "Item",
-    "Kind", "Level", "NotABackupError", "Opener", "Operation", "Outcome", "PatientRecord",
-    "PluginError", "Rejected", "Report", "Selection", "SeriesRecord", "Source", "StudyRecord",
-    "Target", "TreeNode", "TruncatedError", "UnsupportedFeatureError", "UnsupportedVersionError",
-    "UsageError", "VolumeSetError", "default_database_url", "hookimpl", "make_plugin_manager", "patient_key",
+    "Kind", "Level", "NotABackupError", "Opener", "Operation", "Outcome", "PassphraseError",
+    "PassphraseRequiredError", "PatientRecord", "PluginError", "Rejected", "Report", "Selection",
+    "SeriesRecord", "Source", "StudyRecord", "Target", "TreeNode", "TruncatedError",
+    "UnsupportedFeatureError", "UnsupportedVersionError", "UsageError", "VolumeSetError",
+    "WrongPassphraseError", "default_database_url", "hookimpl", "make_plugin_manager", "patient_key",
     "transfer",
 ]

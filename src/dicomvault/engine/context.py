@@ -10,6 +10,7 @@ import platformdirs
 
 from .interfaces import Database, Source, Target
 from .manager import Hooks
+from .passphrase import PassphraseSource
 from .types import Event
 
 
@@ -30,6 +31,7 @@ class Context:
         self.quiet = quiet
         self.force = False  # replace existing output files (``--force``)
         self.volume_size: int | None = None  # split a .bkp output into volumes (``--volume-size``)
+        self.passphrase = PassphraseSource()  # encrypted .bkp files (``--encrypt``, ``--passphrase-*``)
         self.item_lines = True  # print one line per problem item (the demo summarises instead)
         self._databases: list[Database] = []
 

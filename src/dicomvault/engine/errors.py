@@ -74,3 +74,21 @@ class CorruptError(FormatError):
 class VolumeSetError(FormatError):
     """A volume set is incomplete or mixed: a volume is missing, belongs to
     another set, or does not stand where its name says."""
+
+
+class PassphraseError(DicomvaultError):
+    """An encrypted .bkp file cannot be opened with the passphrase at hand.
+
+    Not a ``FormatError``: the file may be perfectly sound; what is missing
+    or wrong is the key. Subclasses say which.
+    """
+
+
+class PassphraseRequiredError(PassphraseError):
+    """The .bkp file is encrypted and no passphrase was given."""
+
+    exit_code = EXIT_USAGE
+
+
+class WrongPassphraseError(PassphraseError):
+    """The passphrase does not open this encrypted .bkp file (its key check fails)."""

@@ -19,6 +19,7 @@ from dicomvault.engine import (
     Kind,
     Opener,
     Outcome,
+    PassphraseRequiredError,
     PatientRecord,
     Rejected,
     Selection,
@@ -57,8 +58,8 @@ class BkpSource:
     """A .bkp file, or a whole volume set (any of its volumes, or NAME.bkp
     for NAME.001.bkp...), checked complete before anything is read."""
 
-    def __init__(self, path: str) -> None:
-        self.parts = open_backup(path)
+    def __init__(self, path: str, passphrase: str | None = None) -> None:
+        self.parts = open_backup(path, passphrase)
         self.description = f"backup file {path}" if len(self.parts) == 1 and self.parts[0].volume is None \
             else f"backup volume set {self.parts[0].path} ({len(self.parts)} volumes)"
         self.patients: dict[str, PatientRecord] = {}
@@ -163,14 +164,12 @@ class BkpSource:
 class BkpTarget:
     """Writes a new .bkp file; it appears under its name only when complete."""
 
-    def __init__(self, path: str, *, overwrite: bool = False, level: int = 3) -> None:
-        final = Path(path)
-        if final.exists() and not overwrite:
-            raise UsageError(f"{path} exists; choose another name or pass --force to replace it")
-        if not final.parent.is_dir():
-            raise UsageError(f"the folder {final.parent} does not exist")
-        self.description = f"backup file {path}"
-        self.writer = BkpWriter(final, writer=f"dicomvault {__version__}", level=level)
+    def __init__(self, path: str, *, overwrite: bool = False, level: int = 3,
+                 passphrase: str | None = None) -> None:
+        final = _check_output(path, overwrite)
+        self.encrypted = passphrase is not None
+        self.description = f"{'encrypted ' if self.encrypted else ''}backup file {path}"
+        self.writer = BkpWriter(final, writer=f"dicomvault {__version__}", level=level, passphrase=passphrase)
         self.patients: dict[str, PatientRecord] = {}
         self.studies: dict[str, StudyRecord] = {}
         self.series: dict[str, SeriesRecord] = {}
@@ -249,19 +248,14 @@ class BkpVolumesTarget:
     with copies of the records of their owners. The set appears under its
     final names only when complete."""
 
-    def __init__(self, path: str, volume_size: int, *, overwrite: bool = False, level: int = 3) -> None:
-        final = Path(path)
-        if not final.parent.is_dir():
-            raise UsageError(f"the folder {final.parent} does not exist")
-        existing = [p for ps in sibling_volumes(final.parent, final.name[:-4]).values() for p in ps]
-        if final.exists() and not overwrite:
-            existing.append(final)  # it would be read instead of the set
-        if existing and not overwrite:
-            raise UsageError(f"{sorted(existing)[0]} exists; choose another name or pass --force to "
-                             "replace that volume set")
-        self.description = f"backup volume set {volume_path(final, 1)}"
+    def __init__(self, path: str, volume_size: int, *, overwrite: bool = False, level: int = 3,
+                 passphrase: str | None = None) -> None:
+        final = _check_volume_output(path, overwrite)
+        self.encrypted = passphrase is not None
+        self.description = (f"{'encrypted ' if self.encrypted else ''}backup volume set "
+                            f"{volume_path(final, 1)}")
         self.set = VolumeSetWriter(final, volume_size, writer=f"dicomvault {__version__}", level=level,
-                                   overwrite=overwrite)
+                                   overwrite=overwrite, passphrase=passphrase)
         self.sha: dict[str, str] = {}  # SOP Instance UID -> SHA-256, over all volumes
         self.attachment_ids: set[str] = set()
         self.patients: dict[str, PatientRecord] = {}
@@ -396,15 +390,48 @@ def _as_fatal(exc: VolumeSizeError | OSError) -> DicomvaultError:
     return DicomvaultError(f"cannot write the next volume: {exc}")
 
 
+def _check_output(path: str, overwrite: bool) -> Path:
+    final = Path(path)
+    if final.exists() and not overwrite:
+        raise UsageError(f"{path} exists; choose another name or pass --force to replace it")
+    if not final.parent.is_dir():
+        raise UsageError(f"the folder {final.parent} does not exist")
+    return final
+
+
+def _check_volume_output(path: str, overwrite: bool) -> Path:
+    final = Path(path)
+    if not final.parent.is_dir():
+        raise UsageError(f"the folder {final.parent} does not exist")
+    existing = [p for ps in sibling_volumes(final.parent, final.name[:-4]).values() for p in ps]
+    if final.exists():
+        existing.append(final)  # it would be read instead of the set
+    if existing and not overwrite:
+        raise UsageError(f"{sorted(existing)[0]} exists; choose another name or pass --force to "
+                         "replace that volume set")
+    return final
+
+
 def _open_source(url: str, ctx: Context) -> BkpSource:
-    return BkpSource(_path(url))
+    path = _path(url)
+    try:
+        return BkpSource(path, ctx.passphrase.get(f"the backup {path}", ask=False))
+    except PassphraseRequiredError:
+        # Encrypted, and no --passphrase-env/--passphrase-file: ask in a terminal, else say how.
+        return BkpSource(path, ctx.passphrase.get(f"the encrypted backup {path}"))
 
 
 def _open_target(url: str, ctx: Context) -> BkpTarget | BkpVolumesTarget:
+    path, overwrite = _path(url), bool(getattr(ctx, "force", False))
     volume_size = getattr(ctx, "volume_size", None)
+    passphrase = None
+    if ctx.passphrase.encrypt:
+        # before asking for a passphrase
+        _check_volume_output(path, overwrite) if volume_size else _check_output(path, overwrite)
+        passphrase = ctx.passphrase.get(f"the new encrypted backup {path}", confirm=True)
     if volume_size:
-        return BkpVolumesTarget(_path(url), volume_size, overwrite=bool(getattr(ctx, "force", False)))
-    return BkpTarget(_path(url), overwrite=bool(getattr(ctx, "force", False)))
+        return BkpVolumesTarget(path, volume_size, overwrite=overwrite, passphrase=passphrase)
+    return BkpTarget(path, overwrite=overwrite, passphrase=passphrase)
 
 
 @hookimpl

@@ -6,6 +6,7 @@ fixed-width 64-bit offsets and lengths everywhere.
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 import xxhash
 
@@ -32,6 +33,7 @@ assert HEADER.size == 64 and FRAME.size == 48 and FOOTER.size == 64
 
 FRAME_DATA = 1
 FRAME_MANIFEST = 2
+FRAME_KEY = 3  # key parameters of an encrypted file, right after the header (SPEC.md section 17)
 CODEC_NONE = 0
 CODEC_ZSTD = 1
 KNOWN_CODECS = (CODEC_NONE, CODEC_ZSTD)
@@ -48,19 +50,38 @@ def is_critical_frame_type(ftype: int) -> bool:
     minor versions add such frames for things older readers can ignore."""
     return ftype < 0x80
 
+# Header ``flags``: required-feature bits. A reader refuses a bit it does not know.
+FLAG_ENCRYPTED = 1 << 0
+KNOWN_FLAGS = FLAG_ENCRYPTED
+
+
+class Header(NamedTuple):
+    major: int
+    minor: int
+    flags: int
+    file_id: bytes
+    created: int
+
 
 def xxh3(data: bytes | bytearray | memoryview) -> int:
     """XXH3-64 with seed 0, as an unsigned integer (stored little endian)."""
     return xxhash.xxh3_64_intdigest(data)
 
 
-def pack_header(file_id: bytes, created: int) -> bytes:
-    body = HEADER.pack(HEADER_MAGIC, MAJOR, MINOR, 0, file_id, created, bytes(16), 0)[:56]
+def pack_header(file_id: bytes, created: int, flags: int = 0) -> bytes:
+    body = HEADER.pack(HEADER_MAGIC, MAJOR, MINOR, flags, file_id, created, bytes(16), 0)[:56]
     return body + struct.pack("<Q", xxh3(body))
 
 
 def unpack_header(raw: bytes) -> tuple[int, int, bytes, int]:
-    """Returns (major, minor, file_id, created); raises the format's errors."""
+    """Returns (major, minor, file_id, created); raises the format's errors.
+    Use :func:`parse_header` to learn the feature flags (encryption) too."""
+    h = parse_header(raw)
+    return h.major, h.minor, h.file_id, h.created
+
+
+def parse_header(raw: bytes) -> Header:
+    """The header, checked; raises the format's errors."""
     if len(raw) < 8 or raw[:8] != HEADER_MAGIC:
         raise NotABackupError("not a .bkp file (the header magic is missing)")
     if len(raw) < HEADER.size:
@@ -71,9 +92,13 @@ def unpack_header(raw: bytes) -> tuple[int, int, bytes, int]:
     if major != MAJOR:
         raise UnsupportedVersionError(f"this .bkp file has format version {major}.{minor}; this "
                                       f"release reads major version {MAJOR} only: upgrade dicomvault")
-    if flags != 0 or reserved != bytes(16):
+    if reserved != bytes(16):
         raise CorruptError("reserved header fields are not zero")
-    return major, minor, file_id, created
+    unknown = [bit for bit in range(32) if flags & ~KNOWN_FLAGS & (1 << bit)]
+    if unknown:
+        raise UnsupportedFeatureError("this .bkp file needs feature(s) this release does not implement: "
+                                      + ", ".join(f"header flag bit {bit}" for bit in unknown))
+    return Header(major, minor, flags, file_id, created)
 
 
 def pack_frame_header(ftype: int, codec: int, seq: int, stored: int, raw: int, payload_xxh3: int) -> bytes:

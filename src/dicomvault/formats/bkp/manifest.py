@@ -20,9 +20,9 @@ from dicomvault.engine import (
 
 # Features this release can read. A file that lists another one under
 # required_features is refused with a message naming it.
-# "volumes": the file is one volume of a set (SPEC.md section "Volumes";
-# the set logic is in volumes.py).
-KNOWN_FEATURES: frozenset[str] = frozenset({"volumes"})
+FEATURE_ENCRYPTION = "aes-256-gcm"  # frames and manifest sealed with AES-256-GCM (SPEC.md section 17)
+FEATURE_VOLUMES = "volumes"  # the file is one volume of a set (SPEC.md section 18; see volumes.py)
+KNOWN_FEATURES: frozenset[str] = frozenset({FEATURE_ENCRYPTION, FEATURE_VOLUMES})
 
 
 class FrameEntry(msgspec.Struct, array_like=True, frozen=True):

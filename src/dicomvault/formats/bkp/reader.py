@@ -23,25 +23,30 @@ from dicomvault.engine import (
     ChecksumError,
     CorruptError,
     DicomvaultError,
+    PassphraseRequiredError,
     TruncatedError,
     UnsupportedFeatureError,
     UnsupportedVersionError,
 )
 
+from .crypto import TAG_SIZE, FrameCipher, open_key_frame
 from .layout import (
+    CODEC_NONE,
     CODEC_ZSTD,
+    FLAG_ENCRYPTED,
     FOOTER,
     FRAME,
     FRAME_DATA,
+    FRAME_KEY,
     FRAME_MANIFEST,
     HEADER,
     MAJOR,
+    parse_header,
     unpack_footer,
     unpack_frame_header,
-    unpack_header,
     xxh3,
 )
-from .manifest import KNOWN_FEATURES, Blob, Manifest, decoder
+from .manifest import FEATURE_ENCRYPTION, KNOWN_FEATURES, Blob, Manifest, decoder
 
 MAX_MANIFEST = 1 << 32  # refuse to allocate more than this from a length field
 CACHED_FRAMES = 8
@@ -53,7 +58,11 @@ class BkpOpenError(DicomvaultError):
 
 
 class BkpReader:
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    """An open .bkp file. ``passphrase`` opens an encrypted one (it is ignored
+    for a file that is not encrypted); without it an encrypted file raises
+    ``PassphraseRequiredError``, with a wrong one ``WrongPassphraseError``."""
+
+    def __init__(self, path: str | os.PathLike[str], passphrase: str | None = None) -> None:
         self.path = Path(path)
         try:
             self.fh: BinaryIO = open(self.path, "rb")
@@ -64,15 +73,19 @@ class BkpReader:
         self.bytes_read = 0
         self._plan: list[int] = []  # frames a caller will read, in order (see plan())
         self._ahead: ThreadPoolExecutor | None = None
+        self._cipher: FrameCipher | None = None
         try:
-            self._open()
+            self._open(passphrase)
         except BaseException:
             self.fh.close()
             raise
 
-    def _open(self) -> None:
+    def _open(self, passphrase: str | None) -> None:
         self.size = os.fstat(self.fh.fileno()).st_size
-        self.major, self.minor, self.file_id, self.created = unpack_header(self.fh.read(HEADER.size))
+        header = parse_header(self.fh.read(HEADER.size))
+        self.major, self.minor, self.file_id, self.created = (header.major, header.minor, header.file_id,
+                                                              header.created)
+        self.encrypted = bool(header.flags & FLAG_ENCRYPTED)
         if self.size < HEADER.size + FOOTER.size:
             raise TruncatedError(f"truncated .bkp file {self.path.name}: too short to hold a footer")
         self.fh.seek(self.size - FOOTER.size)
@@ -81,10 +94,17 @@ class BkpReader:
             raise CorruptError("header and footer belong to different .bkp files")
         if not (HEADER.size <= moff and moff + mlen <= self.size - FOOTER.size and mlen >= FRAME.size):
             raise CorruptError("the footer points outside the file")
+        self.data_start = HEADER.size  # where the first data frame may start
+        if self.encrypted:
+            self.data_start = self._open_key_frame(moff, passphrase)
+            if moff < self.data_start:
+                raise CorruptError("the footer points inside the key frame")
         self.fh.seek(moff)
-        ftype, codec, _seq, stored, raw, check = unpack_frame_header(self.fh.read(FRAME.size), moff)
+        ftype, codec, seq, stored, raw, check = unpack_frame_header(self.fh.read(FRAME.size), moff)
         if ftype != FRAME_MANIFEST or stored != mlen - FRAME.size:
             raise CorruptError("the footer does not point at the manifest frame")
+        if self._cipher is not None and seq != nframes:
+            raise CorruptError(f"the manifest frame has seq {seq}, the footer counts {nframes} data frames")
         if raw > MAX_MANIFEST:
             raise CorruptError(f"manifest length {raw} is implausible")
         payload = self.fh.read(stored)
@@ -92,7 +112,7 @@ class BkpReader:
             raise TruncatedError("truncated .bkp file: the manifest is incomplete")
         if xxh3(payload) != check:
             raise ChecksumError("the manifest frame is damaged (checksum mismatch)")
-        data = self._decode(payload, codec, raw, "the manifest")
+        data = self._decode(payload, codec, raw, "the manifest", ftype=FRAME_MANIFEST, seq=seq)
         try:
             self.manifest: Manifest = decoder.decode(data)
         except msgspec.MsgspecError as exc:
@@ -105,11 +125,13 @@ class BkpReader:
         if unknown:
             raise UnsupportedFeatureError("this .bkp file needs feature(s) this release does not "
                                           "implement: " + ", ".join(unknown))
+        if (FEATURE_ENCRYPTION in m.required_features) != self.encrypted:
+            raise CorruptError("the header and the manifest disagree on whether the file is encrypted")
         if len(m.frames) != nframes:
             raise CorruptError("the footer and the manifest disagree on the number of frames")
         expected = 0
         for i, fe in enumerate(m.frames):
-            if fe.stream_offset != expected or fe.offset < HEADER.size or \
+            if fe.stream_offset != expected or fe.offset < self.data_start or \
                     fe.offset + FRAME.size + fe.stored > moff:
                 raise CorruptError(f"frame {i} has an inconsistent index entry")
             expected += fe.raw
@@ -124,7 +146,35 @@ class BkpReader:
             if size != blob.length:
                 raise CorruptError(f"{what}: its record says {size} bytes, its blob {blob.length}")
 
-    def _decode(self, payload: bytes, codec: int, raw: int, what: str) -> bytes:
+    def _open_key_frame(self, moff: int, passphrase: str | None) -> int:
+        """Reads and checks the key frame, derives the key; returns the offset after the frame."""
+        where = HEADER.size
+        self.fh.seek(where)
+        ftype, codec, seq, stored, raw, check = unpack_frame_header(self.fh.read(FRAME.size), where)
+        if ftype != FRAME_KEY or codec != CODEC_NONE or seq != 0 or stored != raw:
+            raise CorruptError(f"the header says encrypted, but offset {where} holds no key frame")
+        end = where + FRAME.size + stored
+        if end > moff:
+            raise CorruptError("the key frame overlaps the manifest frame")
+        payload = self.fh.read(stored)
+        if len(payload) != stored:
+            raise TruncatedError("truncated .bkp file: the key frame is incomplete")
+        if xxh3(payload) != check:
+            raise ChecksumError("the key frame is damaged (checksum mismatch)")
+        if passphrase is None:
+            raise PassphraseRequiredError(
+                f"{self.path.name} is encrypted: give its passphrase (--passphrase-env VAR, "
+                "--passphrase-file PATH, or run in a terminal to be asked for it)")
+        self._cipher = open_key_frame(payload, passphrase, self.file_id)
+        return end
+
+    def _decode(self, payload: bytes, codec: int, raw: int, what: str, *, ftype: int = FRAME_DATA,
+                seq: int = 0) -> bytes:
+        """The content of a frame's payload: decrypted (encrypted files), decompressed, size-checked."""
+        if self._cipher is not None:
+            if codec == CODEC_NONE and len(payload) != raw + TAG_SIZE:
+                raise CorruptError(f"{what} stores {len(payload)} bytes for {raw} bytes of content")
+            payload = self._cipher.open(ftype, codec, seq, raw, payload, what)
         if codec != CODEC_ZSTD:
             data = payload
         else:
@@ -225,7 +275,7 @@ class BkpReader:
             raise TruncatedError(f"truncated .bkp file: frame {index} is incomplete")
         if xxh3(payload) != check:
             raise ChecksumError(f"frame {index} at offset {fe.offset} is damaged (checksum mismatch)")
-        return self._decode(payload, codec, raw, f"frame {index}")
+        return self._decode(payload, codec, raw, f"frame {index}", seq=index)
 
     def open_blob(self, blob: Blob) -> BinaryIO:
         return io.BufferedReader(_BlobStream(self, blob), buffer_size=1 << 20)  # type: ignore[arg-type]

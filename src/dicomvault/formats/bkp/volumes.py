@@ -49,17 +49,31 @@ from dicomvault.engine import (
     VolumeSetError,
 )
 
+from .crypto import KEY_TABLE, TAG_SIZE
 from .layout import FOOTER, FRAME, HEADER, MAJOR, MINOR
-from .manifest import AttachmentEntry, Blob, InstanceEntry, Manifest, Volume, encoder
+from .manifest import (
+    FEATURE_ENCRYPTION,
+    FEATURE_VOLUMES,
+    AttachmentEntry,
+    Blob,
+    InstanceEntry,
+    Manifest,
+    Volume,
+    encoder,
+)
 from .reader import BkpReader
 from .writer import FRAME_SIZE, BkpWriter, fsync_dir
 
-FEATURE = "volumes"
+FEATURE = FEATURE_VOLUMES
 FAT32_LIMIT = (4 << 30) - 1  # the largest file FAT32 can hold: 4 GiB - 1 byte
 MIN_VOLUME_SIZE = 64 << 10
 MAX_U64 = (1 << 64) - 1
 _FRAME_INDEX_ENTRY = 1 + 5 * 9  # an array of five integers, each at its longest
 _ARRAY_GROWTH = 8 * 4  # the manifest's arrays, if their headers grow from fixarray to array32
+# An encrypted volume (SPEC.md, Encryption) has a key frame after the header, a second required
+# feature, and an authentication tag on every frame: counted for every volume, it is little.
+_ENCRYPTION = FRAME.size + KEY_TABLE.size + TAG_SIZE + len(FEATURE_ENCRYPTION) + 1
+_FRAME_COST = FRAME.size + TAG_SIZE + _FRAME_INDEX_ENTRY  # a data frame beyond its content, at most
 _VOLUME_NAME = re.compile(r"^(?P<stem>.+)\.(?P<num>[0-9]{3,})\.bkp$", re.IGNORECASE)
 _SIZE = re.compile(r"^(?P<num>[0-9]+(?:\.[0-9]+)?)(?P<unit>[kmgt]?)(?P<binary>i?)b?$")
 _UNITS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
@@ -138,15 +152,14 @@ def base_cost(writer: str) -> int:
     skeleton = Manifest(major=MAJOR, minor=MINOR, writer=writer, created="2000-01-01T00:00:00+00:00",
                         required_features=[FEATURE],
                         volume=Volume(set_id="0" * 32, index=MAX_U64, last=False))
-    return _cost(skeleton) + _ARRAY_GROWTH
+    return _cost(skeleton) + _ARRAY_GROWTH + _ENCRYPTION
 
 
 def size_at_most(data: int, meta: int, base: int, frame_size: int = FRAME_SIZE) -> int:
     """The largest a volume can be with ``data`` payload bytes and entries of ``meta`` manifest bytes:
     every frame stored raw, every integer of the frame index at its longest."""
     frames = -(-data // frame_size)
-    return (HEADER.size + data + frames * (FRAME.size + _FRAME_INDEX_ENTRY)
-            + FRAME.size + base + meta + FOOTER.size)
+    return HEADER.size + data + frames * _FRAME_COST + FRAME.size + base + meta + FOOTER.size
 
 
 def records_cost(records: tuple[Record, ...]) -> int:
@@ -208,7 +221,7 @@ class VolumeSetWriter:
     """
 
     def __init__(self, final: Path, volume_size: int, *, writer: str, level: int = 3,
-                 overwrite: bool = False, frame_size: int | None = None,
+                 overwrite: bool = False, frame_size: int | None = None, passphrase: str | None = None,
                  writer_factory: Callable[..., BkpWriter] = BkpWriter) -> None:
         self.final = final
         self.limit = volume_size
@@ -219,6 +232,7 @@ class VolumeSetWriter:
         # let compression show sooner, so volumes fill closer to the limit.
         self.frame_size = frame_size or max(MIN_VOLUME_SIZE, min(FRAME_SIZE, volume_size // 64))
         self.writer_factory = writer_factory
+        self.passphrase = passphrase  # each volume is encrypted on its own (own salt, own key)
         self.set_id = os.urandom(16).hex()
         self.done: list[OpenVolume] = []  # finished, under their hidden names
         self.renamed: list[Path] = []
@@ -230,7 +244,8 @@ class VolumeSetWriter:
         final = volume_path(self.final, index)
         hidden = final.with_name(f".{final.name}.{self.set_id[:12]}.part")
         base = base_cost(self.writer_name)
-        w = self.writer_factory(hidden, writer=self.writer_name, level=self.level, frame_size=self.frame_size)
+        w = self.writer_factory(hidden, writer=self.writer_name, level=self.level, frame_size=self.frame_size,
+                                passphrase=self.passphrase)
         return OpenVolume(index=index, path=hidden, writer=w, base=base)
 
     def _size_at_most(self, vol: OpenVolume, data: int, meta: int) -> int:
@@ -240,8 +255,8 @@ class VolumeSetWriter:
         covered = w.frames[-1].stream_offset + w.frames[-1].raw if w.frames else 0
         rest = data - covered
         frames = -(-rest // self.frame_size)
-        return (w.pos + rest + frames * FRAME.size + (len(w.frames) + frames) * _FRAME_INDEX_ENTRY
-                + FRAME.size + vol.base + meta + FOOTER.size)
+        return (w.pos + rest + frames * (FRAME.size + TAG_SIZE)
+                + (len(w.frames) + frames) * _FRAME_INDEX_ENTRY + FRAME.size + vol.base + meta + FOOTER.size)
 
     def _close_volume(self, last: bool) -> None:
         vol = self.current
@@ -279,8 +294,8 @@ class VolumeSetWriter:
                 vol.writer.settle()
                 continue
             if vol.empty:
-                alone = size_at_most(size, cost + records_cost(records) + sum(_cost(a) for a in attributes),
-                                     vol.base, self.frame_size)
+                alone = self._size_at_most(vol, size, cost + records_cost(records)
+                                           + sum(_cost(a) for a in attributes))
                 raise VolumeSizeError(f"{what} ({size} bytes) does not fit in a volume of {self.limit} "
                                       f"bytes (a volume holding only it needs up to {alone} bytes); "
                                       "choose a larger --volume-size")
@@ -368,8 +383,10 @@ class Part:
     file) if needed later.
     """
 
-    def __init__(self, path: Path, reader: BkpReader, *, keep_open: bool) -> None:
+    def __init__(self, path: Path, reader: BkpReader, *, keep_open: bool,
+                 passphrase: str | None = None) -> None:
         self.path = path
+        self.passphrase = passphrase
         self.manifest = reader.manifest
         self.file_id = reader.file_id
         self.volume = reader.manifest.volume if isinstance(reader.manifest.volume, Volume) else None
@@ -388,7 +405,7 @@ class Part:
 
     def _get(self) -> BkpReader:
         if self._reader is None:
-            reader = _open(self.path)
+            reader = _open(self.path, self.passphrase)
             if reader.file_id != self.file_id:
                 reader.close()
                 raise VolumeSetError(f"{self.path.name} was replaced by another file while the backup "
@@ -469,15 +486,15 @@ class _TrackedStream:
         self.close()
 
 
-def _open(path: Path) -> BkpReader:
+def _open(path: Path, passphrase: str | None = None) -> BkpReader:
     """A reader whose format errors name the file (a set has several)."""
     try:
-        return BkpReader(path)
+        return BkpReader(path, passphrase=passphrase)
     except FormatError as exc:
         raise type(exc)(f"{path.name}: {exc}") from exc
 
 
-def open_backup(path: str | os.PathLike[str]) -> list[Part]:
+def open_backup(path: str | os.PathLike[str], passphrase: str | None = None) -> list[Part]:
     """The files of a backup: ``[the file]`` for a plain .bkp, or every
     volume of a complete set in order. See the module docstring for which
     names lead to a set; raises :class:`VolumeSetError` naming the missing or
@@ -486,29 +503,31 @@ def open_backup(path: str | os.PathLike[str]) -> list[Part]:
     if not given.exists():
         first = volume_path(given, 1)
         if given.name.lower().endswith(".bkp") and not _VOLUME_NAME.match(given.name) and first.exists():
-            return _open_set(first, _stem(given), None)
-        return [Part(given, BkpReader(given), keep_open=True)]  # BkpReader says what is wrong
-    reader = _open(given)
+            return _open_set(first, _stem(given), None, passphrase)
+        # BkpReader says what is wrong
+        return [Part(given, BkpReader(given, passphrase=passphrase), keep_open=True, passphrase=passphrase)]
+    reader = _open(given, passphrase)
     if not isinstance(reader.manifest.volume, Volume):
-        return [Part(given, reader, keep_open=True)]
+        return [Part(given, reader, keep_open=True, passphrase=passphrase)]
     m = _VOLUME_NAME.match(given.name)
     if not m:
         reader.close()
         raise VolumeSetError(f"{given.name} is volume {reader.manifest.volume.index} of a set, but its name "
                              "is not of the form NAME.NNN.bkp; give the volumes back their names")
-    return _open_set(given, m["stem"], reader)
+    return _open_set(given, m["stem"], reader, passphrase)
 
 
-def _open_set(given: Path, stem: str, given_reader: BkpReader | None) -> list[Part]:
+def _open_set(given: Path, stem: str, given_reader: BkpReader | None,
+              passphrase: str | None) -> list[Part]:
     directory = given.parent
     parts: dict[Path, Part] = {}
     try:
         for paths in sibling_volumes(directory, stem).values():
             for p in paths:
                 if given_reader is not None and p == given:
-                    parts[p] = Part(p, given_reader, keep_open=False)
+                    parts[p] = Part(p, given_reader, keep_open=False, passphrase=passphrase)
                 else:
-                    parts[p] = Part(p, _open(p), keep_open=False)
+                    parts[p] = Part(p, _open(p, passphrase), keep_open=False, passphrase=passphrase)
         return _check_set(given, stem, parts)
     except BaseException:
         if given_reader is not None:

@@ -22,10 +22,13 @@ from typing import BinaryIO
 
 import zstandard
 
+from .crypto import DEFAULT_LOG2_N, MAX_SEALED_CONTENT, FrameCipher, new_key_frame
 from .layout import (
     CODEC_NONE,
     CODEC_ZSTD,
+    FLAG_ENCRYPTED,
     FRAME_DATA,
+    FRAME_KEY,
     FRAME_MANIFEST,
     MAJOR,
     MINOR,
@@ -34,24 +37,27 @@ from .layout import (
     pack_header,
     xxh3,
 )
-from .manifest import Blob, FrameEntry, Manifest, encoder
+from .manifest import FEATURE_ENCRYPTION, Blob, FrameEntry, Manifest, encoder
 
 FRAME_SIZE = 4 << 20
 READ_CHUNK = 1 << 20
 _local = threading.local()
 
 
-def _compress(raw: bytes | bytearray, level: int) -> tuple[int, bytes | bytearray, int]:
-    """(codec, payload, xxh3 of payload); stores raw when zstd does not help."""
+def _compress(raw: bytes | bytearray, level: int, cipher: FrameCipher | None = None, ftype: int = FRAME_DATA,
+              seq: int = 0) -> tuple[int, bytes | bytearray, int]:
+    """(codec, payload, xxh3 of payload); stores raw when zstd does not help.
+    With ``cipher``, the (compressed) content is then sealed as frame ``seq`` of type ``ftype``."""
     comp = getattr(_local, "zstd", None)
     if comp is None or _local.level != level:
         comp = _local.zstd = zstandard.ZstdCompressor(level=level, write_checksum=True,
                                                       write_content_size=True)
         _local.level = level
     packed = comp.compress(raw)
-    if len(packed) >= len(raw):
-        return CODEC_NONE, raw, xxh3(raw)
-    return CODEC_ZSTD, packed, xxh3(packed)
+    codec, payload = (CODEC_NONE, raw) if len(packed) >= len(raw) else (CODEC_ZSTD, packed)
+    if cipher is not None:
+        payload = cipher.seal(ftype, codec, seq, len(raw), payload)
+    return codec, payload, xxh3(payload)
 
 
 def fsync_dir(path: Path) -> None:
@@ -64,22 +70,37 @@ def fsync_dir(path: Path) -> None:
 
 class BkpWriter:
     def __init__(self, path: str | os.PathLike[str], *, writer: str, level: int = 3,
-                 frame_size: int = FRAME_SIZE, threads: int | None = None) -> None:
+                 frame_size: int = FRAME_SIZE, threads: int | None = None, passphrase: str | None = None,
+                 kdf_log2_n: int = DEFAULT_LOG2_N) -> None:
+        """With ``passphrase``, the file is encrypted (SPEC.md section 17); the key
+        derivation (scrypt, N = 2^kdf_log2_n) runs here, once."""
         self.final = Path(path)
         self.level = level
+        if passphrase is not None and not 1 <= frame_size <= MAX_SEALED_CONTENT:
+            raise ValueError(f"an encrypted frame holds at most {MAX_SEALED_CONTENT} bytes")
         self.frame_size = frame_size
+        self.file_id = os.urandom(16)
+        self.cipher: FrameCipher | None = None
+        key_frame = b""
+        if passphrase is not None:  # before the temporary file exists: a bad passphrase leaves nothing
+            key_frame, self.cipher = new_key_frame(passphrase, self.file_id, log2_n=kdf_log2_n)
         self.threads = threads or max(1, min(4, os.cpu_count() or 1))
         self.writer_name = writer
         fd, tmp = tempfile.mkstemp(dir=self.final.parent, prefix=f".{self.final.name}.", suffix=".part")
         self.tmp = Path(tmp)
         self.fh = os.fdopen(fd, "wb", buffering=1 << 20)
-        self.file_id = os.urandom(16)
-        self.fh.write(pack_header(self.file_id, time.time_ns()))
+        self.fh.write(pack_header(self.file_id, time.time_ns(), FLAG_ENCRYPTED if self.cipher else 0))
         self.pos = 64
+        if self.cipher is not None:  # the key frame: stored as is, not encrypted, not in the index
+            self.fh.write(pack_frame_header(FRAME_KEY, CODEC_NONE, 0, len(key_frame), len(key_frame),
+                                            xxh3(key_frame)))
+            self.fh.write(key_frame)
+            self.pos += 48 + len(key_frame)
         self.buf = bytearray()
         self.stream_pos = 0  # bytes appended to the payload stream so far
         self.cut_pos = 0  # payload stream offset where the open frame starts
         self.frames: list[FrameEntry] = []
+        self.submitted = 0  # data frames handed to the pool: the next one's seq
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="bkp-zstd")
         self.pending: collections.deque[tuple[Future[tuple[int, bytes | bytearray, int]], int, int]] = \
             collections.deque()
@@ -111,7 +132,9 @@ class BkpWriter:
         if not self.buf:
             return
         raw, self.buf = self.buf, bytearray()
-        self.pending.append((self.pool.submit(_compress, raw, self.level), len(raw), self.cut_pos))
+        future = self.pool.submit(_compress, raw, self.level, self.cipher, FRAME_DATA, self.submitted)
+        self.submitted += 1
+        self.pending.append((future, len(raw), self.cut_pos))
         self.cut_pos += len(raw)
         while len(self.pending) > 2 * self.threads:
             self._drain_one()
@@ -142,8 +165,10 @@ class BkpWriter:
         manifest.writer = self.writer_name
         manifest.created = manifest.created or datetime.now(UTC).isoformat(timespec="seconds")
         manifest.frames = self.frames
+        if self.cipher is not None and FEATURE_ENCRYPTION not in manifest.required_features:
+            manifest.required_features = [*manifest.required_features, FEATURE_ENCRYPTION]
         raw = encoder.encode(manifest)
-        codec, payload, check = _compress(raw, self.level)
+        codec, payload, check = _compress(raw, self.level, self.cipher, FRAME_MANIFEST, len(self.frames))
         manifest_offset = self.pos
         self.fh.write(pack_frame_header(FRAME_MANIFEST, codec, len(self.frames), len(payload), len(raw),
                                         check))

@@ -23,6 +23,7 @@ from dicomvault.engine import (
     transfer,
 )
 from dicomvault.engine.options import add_selection_options, selection_from
+from dicomvault.engine.passphrase import add_passphrase_options
 
 from .layout import FIELDS, Layout
 from .target import ON_EXISTING, REPORT_NAME, FolderTarget, Options
@@ -73,6 +74,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="source", metavar="URL",
                    help="where to read from: a .bkp file or any source (default: the database, --db)")
     add_selection_options(p)
+    add_passphrase_options(p)
     p.add_argument("--layout", default="", metavar="TEMPLATE",
                    help="folder and file names, e.g. '{PatientID}/{StudyDate}/{SeriesNumber}/"
                         "{InstanceNumber:05}.dcm'; fields: " + ", ".join(FIELDS))

@@ -25,6 +25,7 @@ from dicomvault.engine import (
     transfer,
 )
 from dicomvault.engine.options import add_selection_options, selection_from
+from dicomvault.engine.passphrase import add_passphrase_options
 
 from .address import check_aet, is_dicom_url, parse_address, parse_dicom_url
 from .association import Peer, Timeouts
@@ -117,6 +118,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="source", metavar="URL",
                    help="where to read from: the database (default, --db) or a .bkp file")
     add_selection_options(p)
+    add_passphrase_options(p)
     p.add_argument("--transcode", choices=["auto", "never"], default="auto",
                    help="when the server does not take a file's transfer syntax: convert it losslessly "
                         "to an uncompressed one (auto, default) or fail the instance (never)")

@@ -8,6 +8,7 @@ import hashlib
 
 from dicomvault.engine import Context, Item, Operation, Report, Selection, Source, hookimpl
 from dicomvault.engine.options import add_selection_options, selection_from
+from dicomvault.engine.passphrase import add_passphrase_options
 from dicomvault.engine.types import Outcome
 
 CHUNK = 1 << 20
@@ -72,6 +73,7 @@ def compare(expected: Source, actual: Source, selection: Selection, *, rehash: b
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("other", metavar="URL", help="another database or a .bkp file")
     add_selection_options(p)
+    add_passphrase_options(p)
 
 
 def run(ctx: Context, args: argparse.Namespace) -> Report:

@@ -34,6 +34,7 @@ from dicomvault.engine import (
     transfer,
 )
 from dicomvault.engine.options import add_policy_option, add_selection_options, policy_from, selection_from
+from dicomvault.engine.passphrase import add_passphrase_options
 
 CONFIRMED = (Outcome.STORED, Outcome.UNCHANGED, Outcome.OVERWRITTEN)
 
@@ -45,6 +46,7 @@ def _configure(p: argparse.ArgumentParser, *, dry_run: bool) -> None:
                    help="the database to copy from (default: the database, --db)")
     add_selection_options(p)
     add_policy_option(p)
+    add_passphrase_options(p)
     if dry_run:
         p.add_argument("--dry-run", action="store_true", help="report what would happen; change nothing")
 

@@ -17,6 +17,7 @@ from dicomvault.engine import (
     transfer,
 )
 from dicomvault.engine.options import add_policy_option, add_selection_options, policy_from, selection_from
+from dicomvault.engine.passphrase import add_passphrase_options
 from dicomvault.formats.bkp.volumes import (
     VolumeSizeError,
     attachment_cost,
@@ -38,6 +39,7 @@ def _export_configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", metavar="OUT.bkp", help="the backup file to write")
     add_selection_options(p)
     p.add_argument("--force", action="store_true", help="replace OUT.bkp (or its volumes) if it exists")
+    add_passphrase_options(p, encrypt=True)
     p.add_argument("--volume-size", type=_volume_size, default=None, metavar="SIZE",
                    help="split the backup into volumes OUT.001.bkp, OUT.002.bkp, ... of at most SIZE "
                         "bytes each: 2G, 650M, 4700M, 1.5G (K, M, G, T are powers of 1000), 2GiB "
@@ -64,6 +66,9 @@ def _check_fits(source: Source, selection: Selection, limit: int) -> None:
 def _export_run(ctx: Context, args: argparse.Namespace) -> Report:
     if not args.output.lower().endswith(".bkp"):
         raise UsageError("the output file name must end in .bkp")
+    if ctx.passphrase.given and not args.encrypt:
+        raise UsageError("--passphrase-env and --passphrase-file go with --encrypt: add --encrypt to "
+                         "write an encrypted file")
     db = ctx.open_database()
     selection = selection_from(args, db)
     source = db.source()
@@ -95,6 +100,7 @@ def _import_configure(p: argparse.ArgumentParser) -> None:
     add_selection_options(p, selected=False)
     add_policy_option(p)
     p.add_argument("--dry-run", action="store_true", help="report what would happen; change nothing")
+    add_passphrase_options(p)
 
 
 def _import_run(ctx: Context, args: argparse.Namespace) -> Report:
@@ -121,9 +127,12 @@ def _transfer_configure(p: argparse.ArgumentParser) -> None:
     add_policy_option(p)
     p.add_argument("--dry-run", action="store_true", help="report what would happen; change nothing")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
+    add_passphrase_options(p, encrypt=True)
 
 
 def _transfer_run(ctx: Context, args: argparse.Namespace) -> Report:
+    if args.encrypt and ctx.hooks.find(ctx.hooks.targets(), args.target, "target").name != "bkp":
+        raise UsageError("--encrypt applies to a .bkp target only")
     db = ctx.open_database() if args.source is None or args.selected else None
     selection = selection_from(args, db)
     source = db.source() if args.source is None and db is not None else ctx.open_source(args.source)
