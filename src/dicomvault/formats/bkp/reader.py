@@ -42,6 +42,7 @@ from .layout import (
 from .manifest import KNOWN_FEATURES, Blob, Manifest, decoder
 
 MAX_MANIFEST = 1 << 32  # refuse to allocate more than this from a length field
+ONE_SHOT = 64 << 20  # frames announcing up to this decompress into one buffer of the announced size
 CACHED_FRAMES = 8
 
 
@@ -134,7 +135,10 @@ class BkpReader:
                                    f"its header {raw}")
             try:
                 # a decompressor per call: they are not thread-safe, and cheap to make
-                data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw) if raw else b""
+                if raw <= ONE_SHOT:
+                    data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw) if raw else b""
+                else:
+                    data = _inflate(payload, raw)
             except zstandard.ZstdError as exc:
                 raise ChecksumError(f"{what} cannot be decompressed: {exc}") from exc
         if len(data) != raw:
@@ -196,6 +200,17 @@ class BkpReader:
     def close(self) -> None:
         self.fh.close()
         self._frames.clear()
+
+
+def _inflate(payload: bytes, raw: int) -> bytes:
+    """Decompress piece by piece: memory grows with what the zstd frame really
+    holds, never with the size it announces (a crafted header can announce
+    any size up to 2**64 in a few bytes). Stops one byte past ``raw``."""
+    out = bytearray()
+    with zstandard.ZstdDecompressor().stream_reader(payload) as stream:
+        while len(out) <= raw and (chunk := stream.read(min(16 << 20, raw + 1 - len(out)))):
+            out += chunk
+    return out  # type: ignore[return-value]  # a bytearray: no copy of a large frame
 
 
 class _Slot:
