@@ -14,6 +14,7 @@ from .errors import (
     FormatError,
     NotABackupError,
     PluginError,
+    TargetError,
     TruncatedError,
     UnsupportedFeatureError,
     UnsupportedVersionError,
@@ -48,7 +49,8 @@ __all__ = [
     "DatabaseError", "DicomvaultError", "Event", "FormatError", "Hooks", "InstanceRecord", "Item",
     "Kind", "Level", "NotABackupError", "Opener", "Operation", "Outcome", "PatientRecord",
     "PluginError", "Rejected", "Report", "Selection", "SeriesRecord", "Source", "StudyRecord",
-    "Target", "TreeNode", "TruncatedError", "UnsupportedFeatureError", "UnsupportedVersionError",
+    "Target", "TargetError", "TreeNode", "TruncatedError", "UnsupportedFeatureError",
+    "UnsupportedVersionError",
     "UsageError", "default_database_url", "hookimpl", "make_plugin_manager", "patient_key",
     "transfer",
 ]
