@@ -67,23 +67,23 @@ class BkpReader:
             raise
 
     def _open(self) -> None:
-        self.size = os.fstat(self.fh.fileno()).st_size
-        self.major, self.minor, self.file_id, self.created = unpack_header(self.fh.read(HEADER.size))
+        fd = self.fh.fileno()
+        self.size = os.fstat(fd).st_size
+        # positioned reads of exactly what is needed: no read-ahead into the frames
+        self.major, self.minor, self.file_id, self.created = unpack_header(_pread(fd, HEADER.size, 0))
         if self.size < HEADER.size + FOOTER.size:
             raise TruncatedError(f"truncated .bkp file {self.path.name}: too short to hold a footer")
-        self.fh.seek(self.size - FOOTER.size)
-        moff, mlen, nframes, file_id = unpack_footer(self.fh.read(FOOTER.size))
+        moff, mlen, nframes, file_id = unpack_footer(_pread(fd, FOOTER.size, self.size - FOOTER.size))
         if file_id != self.file_id:
             raise CorruptError("header and footer belong to different .bkp files")
         if not (HEADER.size <= moff and moff + mlen <= self.size - FOOTER.size and mlen >= FRAME.size):
             raise CorruptError("the footer points outside the file")
-        self.fh.seek(moff)
-        ftype, codec, _seq, stored, raw, check = unpack_frame_header(self.fh.read(FRAME.size), moff)
+        ftype, codec, _seq, stored, raw, check = unpack_frame_header(_pread(fd, FRAME.size, moff), moff)
         if ftype != FRAME_MANIFEST or stored != mlen - FRAME.size:
             raise CorruptError("the footer does not point at the manifest frame")
         if raw > MAX_MANIFEST:
             raise CorruptError(f"manifest length {raw} is implausible")
-        payload = self.fh.read(stored)
+        payload = _pread(fd, stored, moff + FRAME.size)
         if len(payload) != stored:
             raise TruncatedError("truncated .bkp file: the manifest is incomplete")
         if xxh3(payload) != check:
@@ -178,11 +178,11 @@ class BkpReader:
     def _load_frame(self, index: int) -> bytes:
         fe = self.manifest.frames[index]
         fd = self.fh.fileno()
-        head = os.pread(fd, FRAME.size, fe.offset)
+        head = _pread(fd, FRAME.size, fe.offset)
         ftype, codec, seq, stored, raw, check = unpack_frame_header(head, fe.offset)
         if ftype != FRAME_DATA or seq != index or stored != fe.stored or raw != fe.raw or codec != fe.codec:
             raise CorruptError(f"frame {index} at offset {fe.offset} does not match the index")
-        payload = os.pread(fd, stored, fe.offset + FRAME.size)
+        payload = _pread(fd, stored, fe.offset + FRAME.size)
         with self._lock:
             self.bytes_read += FRAME.size + len(payload)
         if len(payload) != stored:
@@ -200,6 +200,24 @@ class BkpReader:
     def close(self) -> None:
         self.fh.close()
         self._frames.clear()
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset``, fewer only at the end of the file. One
+    pread(2) returns at most 2 GiB - 4 KiB on Linux, and a frame may be
+    larger (SPEC 5.5: the frame size is the writer's choice)."""
+    if n <= 1 << 30:
+        return os.pread(fd, n, offset)
+    buf = bytearray(n)  # n is bounded by the file size (checked on opening)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = os.preadv(fd, [view[got:got + (1 << 30)]], offset + got)
+        if k == 0:
+            break
+        got += k
+    view.release()
+    del buf[got:]
+    return buf  # type: ignore[return-value]
 
 
 def _inflate(payload: bytes, raw: int) -> bytes:
