@@ -265,7 +265,8 @@ def mutated(draw: st.DrawFn) -> bytes:
             for _ in range(draw(st.integers(1, 3))):
                 tree = _mutate_tree(tree, draw)
             raw = msgspec.msgpack.encode(tree)
-            buf = bytearray(_with_manifest(g, bytes(buf), raw, draw(st.sampled_from([CODEC_NONE, CODEC_ZSTD]))))
+            codec = draw(st.sampled_from([CODEC_NONE, CODEC_ZSTD]))
+            buf = bytearray(_with_manifest(g, bytes(buf), raw, codec))
         elif kind == "manifest-bytes":
             raw = bytearray(g.manifest)
             pos = draw(st.integers(0, len(raw) - 1))
