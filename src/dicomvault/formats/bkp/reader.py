@@ -135,8 +135,10 @@ class BkpReader:
                                    f"its header {raw}")
             try:
                 # a decompressor per call: they are not thread-safe, and cheap to make
-                if raw <= ONE_SHOT:
-                    data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw) if raw else b""
+                if not raw:
+                    data = b""
+                elif raw <= ONE_SHOT:
+                    data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw)
                 else:
                     data = _inflate(payload, raw)
             except zstandard.ZstdError as exc:
