@@ -291,3 +291,24 @@ def test_many_instances_stream_offsets_are_exact(tmp_path: Path) -> None:
         assert _extract_all(reader) == {e.record.sop_uid: e.record.sha256 for e in b.instances}
     finally:
         reader.close()
+
+
+def test_large_zstd_frames_decode_piece_by_piece(tmp_path: Path) -> None:
+    """Frames announcing more than the reader's one-shot limit (64 MiB) are
+    decompressed piece by piece: a 96 MiB frame written by the real writer
+    (another writer's frame size) reads back exactly."""
+    from dicomvault.formats.bkp import reader as reader_module
+
+    path = tmp_path / "bigframes.bkp"
+    b = Builder(path, frame_size=96 << 20, threads=1)
+    b.patients, b.studies, b.series = hierarchy(1, 1, 1)
+    tile = random.Random(3).randbytes(4096)
+    e = b.instance(uid(6, 1), b.series[0].series_uid, tile * (25 << 10) + b"end")  # 100 MiB + 3 bytes
+    b.finish()
+    reader = BkpReader(path)
+    try:
+        assert [fe.raw for fe in reader.manifest.frames] == [96 << 20, (4 << 20) + 3]
+        assert reader.manifest.frames[0].codec == 1 and reader.manifest.frames[0].raw > reader_module.ONE_SHOT
+        assert _extract_all(reader) == {e.record.sop_uid: e.record.sha256}
+    finally:
+        reader.close()
