@@ -16,6 +16,7 @@ from .errors import (
     PassphraseError,
     PassphraseRequiredError,
     PluginError,
+    TargetError,
     TruncatedError,
     UnsupportedFeatureError,
     UnsupportedVersionError,
@@ -51,7 +52,7 @@ __all__ = [
     "DatabaseError", "DicomvaultError", "Event", "FormatError", "Hooks", "InstanceRecord", "Item",
     "Kind", "Level", "NotABackupError", "Opener", "Operation", "Outcome", "PassphraseError",
     "PassphraseRequiredError", "PatientRecord", "PluginError", "Rejected", "Report", "Selection",
-    "SeriesRecord", "Source", "StudyRecord", "Target", "TreeNode", "TruncatedError",
+    "SeriesRecord", "Source", "StudyRecord", "Target", "TargetError", "TreeNode", "TruncatedError",
     "UnsupportedFeatureError", "UnsupportedVersionError", "UsageError", "WrongPassphraseError",
     "default_database_url", "hookimpl", "make_plugin_manager", "patient_key", "transfer",
 ]

@@ -63,7 +63,7 @@ from .layout import (
     xxh3,
 )
 from .manifest import AttachmentEntry, InstanceEntry, Manifest
-from .reader import BkpReader
+from .reader import ONE_SHOT, BkpReader, _inflate
 from .writer import BkpWriter
 
 MAX_FRAME_RAW = 1 << 30  # a frame announcing more is treated as damaged (writers use 4 MiB)
@@ -247,7 +247,10 @@ def _decode(payload: bytes, codec: int, raw: int) -> bytes | None:
     try:
         if zstandard.frame_content_size(payload) != raw:
             return None
-        data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw) if raw else b""
+        if raw > ONE_SHOT:  # a crafted length must not size an allocation: piece by piece
+            data = _inflate(payload, raw)
+        else:
+            data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw) if raw else b""
     except zstandard.ZstdError:
         return None
     return data if len(data) == raw else None

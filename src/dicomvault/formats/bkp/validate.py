@@ -52,7 +52,7 @@ from .layout import (
     xxh3,
 )
 from .manifest import KNOWN_FEATURES, Manifest
-from .reader import MAX_MANIFEST, BkpReader
+from .reader import MAX_MANIFEST, ONE_SHOT, BkpReader, _inflate
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 
@@ -238,6 +238,8 @@ class _Checker:
             self.add(code, f"{what}: its zstd frame announces {announced} bytes, its header {raw}", at)
             return None
         try:
+            if raw > ONE_SHOT:  # a crafted length must not size an allocation: piece by piece
+                return _inflate(payload, raw)
             return zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw) if raw else b""
         except zstandard.ZstdError as exc:
             self.add(code, f"{what} cannot be decompressed: {exc}", at)
