@@ -39,6 +39,12 @@ class DatabaseError(DicomvaultError):
     """The database cannot be opened or is not in a usable state."""
 
 
+class TargetError(DicomvaultError):
+    """The target can take nothing more (its disk is full, a write failed):
+    the whole run stops instead of failing every later item one by one, and
+    the target keeps nothing half-written."""
+
+
 class ConflictError(DicomvaultError):
     """Conflicting content under one identifier, with policy ``fail``."""
 

@@ -3,7 +3,8 @@
 One pass, streaming: items are handed over one at a time, each gets an
 outcome, and the batch goes on after a per-item failure. Only a conflict
 under policy ``fail`` stops the run, and that is checked before anything is
-written.
+written; and a ``TargetError`` (the target can take nothing more: disk
+full) stops it at once.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from .context import Context
-from .errors import ConflictError, DicomvaultError
+from .errors import ConflictError, DicomvaultError, TargetError
 from .interfaces import Source, Target
 from .types import ConflictPolicy, Event, Item, Outcome, Rejected, Report, Selection
 
@@ -70,6 +71,8 @@ def _put(target: Target, item: Item, policy: ConflictPolicy, dry_run: bool) -> t
         if dry_run:
             return planned_outcome(target, item, policy), ""
         return target.put_instance(item, policy)
+    except TargetError:
+        raise
     except (DicomvaultError, OSError) as exc:
         return Outcome.FAILED, str(exc)
 
@@ -97,10 +100,14 @@ def _hand_over(items: Iterable[Item | Rejected], target: Target, policy: Conflic
             return it, None, ""
         try:
             prepared = future.result()
+        except TargetError:
+            raise
         except (DicomvaultError, OSError) as exc:
             return it, Outcome.FAILED, str(exc)
         try:
             return (it, *target.put_prepared(it, prepared, policy))  # type: ignore[attr-defined]
+        except TargetError:
+            raise
         except (DicomvaultError, OSError) as exc:
             return it, Outcome.FAILED, str(exc)
 
@@ -173,6 +180,8 @@ def transfer(ctx: Context, source: Source, target: Target, selection: Selection,
                     outcome, reason = _plan(target, "plan_attributes", attrs, policy)
                 else:
                     outcome, reason = target.put_attributes(attrs, policy)
+            except TargetError:
+                raise
             except (DicomvaultError, OSError) as exc:
                 outcome, reason = Outcome.FAILED, str(exc)
             record("attributes", outcome, name, reason)
@@ -183,6 +192,8 @@ def transfer(ctx: Context, source: Source, target: Target, selection: Selection,
                     outcome, reason = _plan(target, "plan_attachment", rec, policy)
                 else:
                     outcome, reason = target.put_attachment(rec, opener, policy)
+            except TargetError:
+                raise
             except (DicomvaultError, OSError) as exc:
                 outcome, reason = Outcome.FAILED, str(exc)
             record("attachment", outcome, name, reason, rec.size)

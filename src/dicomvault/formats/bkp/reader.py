@@ -49,6 +49,7 @@ from .layout import (
 from .manifest import FEATURE_ENCRYPTION, KNOWN_FEATURES, Blob, Manifest, decoder
 
 MAX_MANIFEST = 1 << 32  # refuse to allocate more than this from a length field
+ONE_SHOT = 64 << 20  # frames announcing up to this decompress into one buffer of the announced size
 CACHED_FRAMES = 8
 READ_AHEAD = 2  # planned frames decoded ahead of the reader, in the background
 
@@ -81,15 +82,16 @@ class BkpReader:
             raise
 
     def _open(self, passphrase: str | None) -> None:
-        self.size = os.fstat(self.fh.fileno()).st_size
-        header = parse_header(self.fh.read(HEADER.size))
+        fd = self.fh.fileno()
+        self.size = os.fstat(fd).st_size
+        # positioned reads of exactly what is needed: no read-ahead into the frames
+        header = parse_header(_pread(fd, HEADER.size, 0))
         self.major, self.minor, self.file_id, self.created = (header.major, header.minor, header.file_id,
                                                               header.created)
         self.encrypted = bool(header.flags & FLAG_ENCRYPTED)
         if self.size < HEADER.size + FOOTER.size:
             raise TruncatedError(f"truncated .bkp file {self.path.name}: too short to hold a footer")
-        self.fh.seek(self.size - FOOTER.size)
-        moff, mlen, nframes, file_id = unpack_footer(self.fh.read(FOOTER.size))
+        moff, mlen, nframes, file_id = unpack_footer(_pread(fd, FOOTER.size, self.size - FOOTER.size))
         if file_id != self.file_id:
             raise CorruptError("header and footer belong to different .bkp files")
         if not (HEADER.size <= moff and moff + mlen <= self.size - FOOTER.size and mlen >= FRAME.size):
@@ -99,15 +101,14 @@ class BkpReader:
             self.data_start = self._open_key_frame(moff, passphrase)
             if moff < self.data_start:
                 raise CorruptError("the footer points inside the key frame")
-        self.fh.seek(moff)
-        ftype, codec, seq, stored, raw, check = unpack_frame_header(self.fh.read(FRAME.size), moff)
+        ftype, codec, seq, stored, raw, check = unpack_frame_header(_pread(fd, FRAME.size, moff), moff)
         if ftype != FRAME_MANIFEST or stored != mlen - FRAME.size:
             raise CorruptError("the footer does not point at the manifest frame")
         if self._cipher is not None and seq != nframes:
             raise CorruptError(f"the manifest frame has seq {seq}, the footer counts {nframes} data frames")
         if raw > MAX_MANIFEST:
             raise CorruptError(f"manifest length {raw} is implausible")
-        payload = self.fh.read(stored)
+        payload = _pread(fd, stored, moff + FRAME.size)
         if len(payload) != stored:
             raise TruncatedError("truncated .bkp file: the manifest is incomplete")
         if xxh3(payload) != check:
@@ -148,15 +149,14 @@ class BkpReader:
 
     def _open_key_frame(self, moff: int, passphrase: str | None) -> int:
         """Reads and checks the key frame, derives the key; returns the offset after the frame."""
-        where = HEADER.size
-        self.fh.seek(where)
-        ftype, codec, seq, stored, raw, check = unpack_frame_header(self.fh.read(FRAME.size), where)
+        where, fd = HEADER.size, self.fh.fileno()
+        ftype, codec, seq, stored, raw, check = unpack_frame_header(_pread(fd, FRAME.size, where), where)
         if ftype != FRAME_KEY or codec != CODEC_NONE or seq != 0 or stored != raw:
             raise CorruptError(f"the header says encrypted, but offset {where} holds no key frame")
         end = where + FRAME.size + stored
         if end > moff:
             raise CorruptError("the key frame overlaps the manifest frame")
-        payload = self.fh.read(stored)
+        payload = _pread(fd, stored, where + FRAME.size)
         if len(payload) != stored:
             raise TruncatedError("truncated .bkp file: the key frame is incomplete")
         if xxh3(payload) != check:
@@ -189,7 +189,12 @@ class BkpReader:
                                    f"its header {raw}")
             try:
                 # a decompressor per call: they are not thread-safe, and cheap to make
-                data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw) if raw else b""
+                if not raw:
+                    data = b""
+                elif raw <= ONE_SHOT:
+                    data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw)
+                else:
+                    data = _inflate(payload, raw)
             except zstandard.ZstdError as exc:
                 raise ChecksumError(f"{what} cannot be decompressed: {exc}") from exc
         if len(data) != raw:
@@ -264,11 +269,11 @@ class BkpReader:
     def _load_frame(self, index: int) -> bytes:
         fe = self.manifest.frames[index]
         fd = self.fh.fileno()
-        head = os.pread(fd, FRAME.size, fe.offset)
+        head = _pread(fd, FRAME.size, fe.offset)
         ftype, codec, seq, stored, raw, check = unpack_frame_header(head, fe.offset)
         if ftype != FRAME_DATA or seq != index or stored != fe.stored or raw != fe.raw or codec != fe.codec:
             raise CorruptError(f"frame {index} at offset {fe.offset} does not match the index")
-        payload = os.pread(fd, stored, fe.offset + FRAME.size)
+        payload = _pread(fd, stored, fe.offset + FRAME.size)
         with self._lock:
             self.bytes_read += FRAME.size + len(payload)
         if len(payload) != stored:
@@ -289,6 +294,35 @@ class BkpReader:
             self._ahead = None
         self.fh.close()
         self._frames.clear()
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset``, fewer only at the end of the file. One
+    pread(2) returns at most 2 GiB - 4 KiB on Linux, and a frame may be
+    larger (SPEC 5.5: the frame size is the writer's choice)."""
+    if n <= 1 << 30:
+        return os.pread(fd, n, offset)
+    buf = bytearray(n)  # n is bounded by the file size (checked on opening)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = os.preadv(fd, [view[got:got + (1 << 30)]], offset + got)
+        if k == 0:
+            break
+        got += k
+    view.release()
+    del buf[got:]
+    return buf  # type: ignore[return-value]
+
+
+def _inflate(payload: bytes, raw: int) -> bytes:
+    """Decompress piece by piece: memory grows with what the zstd frame really
+    holds, never with the size it announces (a crafted header can announce
+    any size up to 2**64 in a few bytes). Stops one byte past ``raw``."""
+    out = bytearray()
+    with zstandard.ZstdDecompressor().stream_reader(payload) as stream:
+        while len(out) <= raw and (chunk := stream.read(min(16 << 20, raw + 1 - len(out)))):
+            out += chunk
+    return out  # type: ignore[return-value]  # a bytearray: no copy of a large frame
 
 
 class _Slot:

@@ -52,6 +52,7 @@ from dicomvault.engine import (
 
 from .layout import (
     CODEC_ZSTD,
+    FLAG_ENCRYPTED,
     FRAME,
     FRAME_DATA,
     FRAME_MAGIC,
@@ -62,7 +63,7 @@ from .layout import (
     xxh3,
 )
 from .manifest import AttachmentEntry, InstanceEntry, Manifest
-from .reader import BkpReader
+from .reader import ONE_SHOT, BkpReader, _inflate
 from .writer import BkpWriter
 
 MAX_FRAME_RAW = 1 << 30  # a frame announcing more is treated as damaged (writers use 4 MiB)
@@ -86,8 +87,8 @@ class SalvageResult(msgspec.Struct, kw_only=True):
 class _Out:
     """The new .bkp being filled."""
 
-    def __init__(self, path: Path) -> None:
-        self.writer = BkpWriter(path, writer=f"dicomvault {__version__} (salvage)")
+    def __init__(self, path: Path, passphrase: str | None) -> None:
+        self.writer = BkpWriter(path, writer=f"dicomvault {__version__} (salvage)", passphrase=passphrase)
         self.patients: dict[str, PatientRecord] = {}
         self.studies: dict[str, StudyRecord] = {}
         self.series: dict[str, SeriesRecord] = {}
@@ -104,19 +105,28 @@ class _Out:
                                     attributes=self.attributes, attachments=self.attachments))
 
 
-def salvage(source: str | os.PathLike[str], output: str | os.PathLike[str]) -> SalvageResult:
+def salvage(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
+            passphrase: str | None = None) -> SalvageResult:
     """Recover what can be recovered from ``source`` into the new file
-    ``output`` (written atomically; an existing file is not replaced)."""
+    ``output`` (written atomically; an existing file is not replaced). An
+    encrypted source needs its ``passphrase``; the output is then encrypted
+    with the same passphrase (never written in the clear)."""
     src, dst = Path(source), Path(output)
     if dst.exists():
         raise FileExistsError(f"{dst} exists; choose another name")
     if src.resolve() == dst.resolve():
         raise ValueError("the output must be another file")
     result = SalvageResult(source=str(src), output=str(dst))
-    out = _Out(dst)
+    with open(src, "rb") as fh:
+        head = fh.read(HEADER.size)
+    encrypted = len(head) == HEADER.size and head[:8] == HEADER_MAGIC and \
+        bool(int.from_bytes(head[12:16], "little") & FLAG_ENCRYPTED)
+    if encrypted:
+        BkpReader(src, passphrase=passphrase).close()  # a wrong or missing passphrase: say so first
+    out = _Out(dst, passphrase if encrypted else None)
     try:
         try:
-            reader = BkpReader(src)
+            reader = BkpReader(src, passphrase=passphrase)
         except FormatError as exc:
             result.notes.append(f"the manifest cannot be used ({exc}); scanning the frames")
             _by_scan(src, out, result)
@@ -237,7 +247,10 @@ def _decode(payload: bytes, codec: int, raw: int) -> bytes | None:
     try:
         if zstandard.frame_content_size(payload) != raw:
             return None
-        data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw) if raw else b""
+        if raw > ONE_SHOT:  # a crafted length must not size an allocation: piece by piece
+            data = _inflate(payload, raw)
+        else:
+            data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw) if raw else b""
     except zstandard.ZstdError:
         return None
     return data if len(data) == raw else None

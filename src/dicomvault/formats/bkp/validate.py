@@ -26,6 +26,7 @@ from dicomvault.engine import (
     ChecksumError,
     CorruptError,
     FormatError,
+    PassphraseError,
     TruncatedError,
     UnsupportedFeatureError,
     UnsupportedVersionError,
@@ -33,22 +34,25 @@ from dicomvault.engine import (
 
 from .layout import (
     CODEC_ZSTD,
+    FLAG_ENCRYPTED,
     FOOTER,
     FOOTER_MAGIC,
     FRAME,
     FRAME_DATA,
+    FRAME_KEY,
     FRAME_MAGIC,
     FRAME_MANIFEST,
     HEADER,
     HEADER_MAGIC,
     KNOWN_CODECS,
+    KNOWN_FLAGS,
     MAJOR,
     is_critical_frame_type,
     known_frame_type,
     xxh3,
 )
 from .manifest import KNOWN_FEATURES, Manifest
-from .reader import MAX_MANIFEST, BkpReader
+from .reader import MAX_MANIFEST, ONE_SHOT, BkpReader, _inflate
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 
@@ -80,8 +84,11 @@ class _Stop(Exception):
 
 
 class _Checker:
-    def __init__(self, path: Path, check: str) -> None:
+    def __init__(self, path: Path, check: str, passphrase: str | None = None) -> None:
         self.path = path
+        self.passphrase = passphrase
+        self.encrypted = False
+        self.data_start = HEADER.size
         self.result = Result(file=str(path), check=check)
         self.fd = -1
         self.size = 0
@@ -112,8 +119,10 @@ class _Checker:
         if major != MAJOR:
             self.stop("version.unsupported", f"format version {major}.{minor}; this release reads "
                       f"major version {MAJOR}", 0)
-        if flags:
-            self.add("header.flags", f"header flags {flags:#x} are set; this release knows no flag", 0)
+        if flags & ~KNOWN_FLAGS:
+            self.add("header.flags", f"header flags {flags & ~KNOWN_FLAGS:#x} are set; this release does "
+                     "not know them", 0)
+        self.encrypted = bool(flags & FLAG_ENCRYPTED)
         if reserved != bytes(16):
             self.add("header.reserved", "reserved header bytes are not zero", 0)
         return major, minor, file_id
@@ -229,6 +238,8 @@ class _Checker:
             self.add(code, f"{what}: its zstd frame announces {announced} bytes, its header {raw}", at)
             return None
         try:
+            if raw > ONE_SHOT:  # a crafted length must not size an allocation: piece by piece
+                return _inflate(payload, raw)
             return zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw) if raw else b""
         except zstandard.ZstdError as exc:
             self.add(code, f"{what} cannot be decompressed: {exc}", at)
@@ -246,7 +257,7 @@ class _Checker:
                          f"expected {expected}", fe.offset)
             expected += fe.raw
         seen: set[int] = set()
-        at, seq = HEADER.size, 0
+        at, seq = self.data_start, 0
         while at < moff:
             head = self.frame_header(at)
             if head is None:
@@ -270,6 +281,8 @@ class _Checker:
                 seq += 1
             elif ftype == FRAME_MANIFEST:
                 self.add("layout.manifest", f"a second manifest frame at offset {at}", at)
+            elif ftype == FRAME_KEY:
+                self.add("layout.key-frame", f"a key frame at offset {at}: only offset 64 may hold one", at)
             elif not known_frame_type(ftype):
                 if is_critical_frame_type(ftype):
                     self.add("frame.critical-unknown", f"frame at offset {at} has type {ftype}, critical "
@@ -283,7 +296,7 @@ class _Checker:
                 self.add("layout.overlap", f"the last frame before the manifest ends at {at}, the "
                          f"manifest starts at {moff}", moff)
         for i, fe in enumerate(m.frames):
-            if i not in seen and not (fe.offset < HEADER.size or fe.offset >= moff):
+            if i not in seen and not (fe.offset < self.data_start or fe.offset >= moff):
                 self.add("index.unvisited", f"index entry {i} points at offset {fe.offset}, which is "
                          "not a frame of the chain", fe.offset)
             elif i not in seen:
@@ -341,12 +354,81 @@ class _Checker:
                 self.add("record.dangling", f"attachment {att.record.attachment_id}: its owner is not in "
                          "the file")
 
+    # ------------------------------------------------------------------ encryption
+    def key_frame(self, moff: int) -> bool:
+        """The key frame of an encrypted file (SPEC.md section 17); False when unusable."""
+        head = self.frame_header(HEADER.size)
+        if head is None:
+            return False
+        ftype, codec, _seq, stored, raw, check = head
+        if ftype != FRAME_KEY or codec != 0 or stored != raw:
+            self.add("key.missing", "the header says encrypted, but offset 64 holds no key frame",
+                     HEADER.size)
+            return False
+        end = HEADER.size + FRAME.size + stored
+        if end > moff:
+            self.add("key.bounds", "the key frame overlaps the manifest frame", HEADER.size)
+            return False
+        if xxh3(self.pread(stored, HEADER.size + FRAME.size)) != check:
+            self.add("key.checksum", "the key frame is damaged (checksum mismatch)", HEADER.size)
+            return False
+        self.data_start = end
+        return True
+
+    def sealed_chain(self, moff: int, mlen: int, nframes: int) -> None:
+        """Without the passphrase: frame headers and payload checksums only."""
+        at, seq = self.data_start, 0
+        while at < moff:
+            head = self.frame_header(at)
+            if head is None:
+                self.add("layout.chain", f"the frame chain breaks at offset {at}", at)
+                return
+            ftype, _codec, fseq, stored, _raw, _check = head
+            if ftype == FRAME_DATA:
+                if fseq != seq:
+                    self.add("index.mismatch", f"data frame at offset {at} has seq {fseq}, "
+                             f"expected {seq}", at)
+                seq += 1
+            elif is_critical_frame_type(ftype) and not known_frame_type(ftype):
+                self.add("frame.critical-unknown", f"frame at offset {at} has type {ftype}, critical "
+                         "and unknown to this release", at)
+            at += FRAME.size + stored
+        if at != moff:
+            self.add("layout.overlap", f"the frames end at {at}, the manifest starts at {moff}", moff)
+        if seq != nframes:
+            self.add("index.count", f"the footer counts {nframes} data frames, the file holds {seq}")
+        head = self.frame_header(moff)
+        if head is not None:
+            ftype, _codec, _seq, stored, _raw, check = head
+            if ftype != FRAME_MANIFEST or stored != mlen - FRAME.size:
+                self.add("manifest.frame", "the footer does not point at the manifest frame", moff)
+            elif xxh3(self.pread(stored, moff + FRAME.size)) != check:
+                self.add("manifest.checksum", "the manifest frame is damaged (checksum mismatch)", moff)
+        self.result.frames = seq
+        self.add("encrypted.unchecked", "the file is encrypted: its manifest, records and contents were "
+                 "not checked (give the passphrase to check them)", None, INFO)
+
+    def unsealed_manifest(self) -> Manifest | None:
+        """With the passphrase: the manifest as the reader decrypts it."""
+        try:
+            reader = BkpReader(self.path, passphrase=self.passphrase)
+        except PassphraseError as exc:
+            self.add("key.passphrase", str(exc), HEADER.size)
+            return None
+        except FormatError as exc:
+            self.add(_code_of(exc, "manifest"), str(exc))
+            return None
+        try:
+            return reader.manifest
+        finally:
+            reader.close()
+
     # ------------------------------------------------------------------ verify
     def deep(self) -> None:
         """Every frame decoded and checked, every blob's SHA-256 compared."""
         try:
-            reader = BkpReader(self.path)
-        except FormatError as exc:
+            reader = BkpReader(self.path, passphrase=self.passphrase)
+        except (FormatError, PassphraseError) as exc:
             self.add(_code_of(exc), str(exc))
             return
         try:
@@ -386,7 +468,7 @@ def _frames_of(reader: BkpReader, blob: msgspec.Struct) -> set[int]:
     return set(range(first, last + 1))
 
 
-def _code_of(exc: FormatError, where: str = "file") -> str:
+def _code_of(exc: FormatError | PassphraseError, where: str = "file") -> str:
     for cls, name in ((ChecksumError, "checksum"), (TruncatedError, "truncated"),
                       (UnsupportedVersionError, "unsupported-version"),
                       (UnsupportedFeatureError, "unsupported-feature"), (CorruptError, "corrupt")):
@@ -395,10 +477,11 @@ def _code_of(exc: FormatError, where: str = "file") -> str:
     return f"{where}.error"
 
 
-def check(path: str | os.PathLike[str], *, deep: bool = False) -> Result:
+def check(path: str | os.PathLike[str], *, deep: bool = False, passphrase: str | None = None) -> Result:
     """Validate (``deep=False``) or verify (``deep=True``) one file. Never
-    raises for anything the file holds; a missing file raises OSError."""
-    checker = _Checker(Path(path), "verify" if deep else "validate")
+    raises for anything the file holds; a missing file raises OSError. An
+    encrypted file without ``passphrase`` gets the checks that need no key."""
+    checker = _Checker(Path(path), "verify" if deep else "validate", passphrase)
     checker.fd = os.open(checker.path, os.O_RDONLY)
     try:
         checker.size = checker.result.size = os.fstat(checker.fd).st_size
@@ -408,7 +491,15 @@ def check(path: str | os.PathLike[str], *, deep: bool = False) -> Result:
             if foot is None:
                 raise _Stop()
             moff, mlen, nframes = foot
-            m = checker.manifest(moff, mlen, major, minor)
+            if checker.encrypted:
+                if not checker.key_frame(moff):
+                    raise _Stop()
+                if passphrase is None:
+                    checker.sealed_chain(moff, mlen, nframes)
+                    raise _Stop()
+                m = checker.unsealed_manifest()
+            else:
+                m = checker.manifest(moff, mlen, major, minor)
             if m is None:
                 raise _Stop()
             checker.result.frames = len(m.frames)
@@ -425,12 +516,12 @@ def check(path: str | os.PathLike[str], *, deep: bool = False) -> Result:
     return checker.result
 
 
-def validate(path: str | os.PathLike[str]) -> Result:
-    return check(path)
+def validate(path: str | os.PathLike[str], passphrase: str | None = None) -> Result:
+    return check(path, passphrase=passphrase)
 
 
-def verify(path: str | os.PathLike[str]) -> Result:
-    return check(path, deep=True)
+def verify(path: str | os.PathLike[str], passphrase: str | None = None) -> Result:
+    return check(path, deep=True, passphrase=passphrase)
 
 
 def errors(result: Result) -> Iterator[Finding]:

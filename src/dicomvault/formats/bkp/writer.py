@@ -11,6 +11,7 @@ directory, fsynced, renamed, and the directory fsynced.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import tempfile
 import threading
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import zstandard
+
+from dicomvault.engine import TargetError
 
 from .crypto import DEFAULT_LOG2_N, MAX_SEALED_CONTENT, FrameCipher, new_key_frame
 from .layout import (
@@ -105,11 +108,30 @@ class BkpWriter:
         self.pending: collections.deque[tuple[Future[tuple[int, bytes | bytearray, int]], int, int]] = \
             collections.deque()
         self.closed = False
+        self.failed: TargetError | None = None  # once a write failed, every later call fails too
+
+    def _fail(self, exc: OSError) -> TargetError:
+        """A write to the file failed: the bytes that did not make it cannot
+        be put back, so the file is lost. Said once, clearly, and for good."""
+        if self.failed is None:
+            self.failed = TargetError(f"cannot write the backup file {self.final}: "
+                                      f"{exc.strerror or exc}; nothing was kept under that name")
+        return self.failed
+
+    def _write(self, data: bytes | bytearray) -> None:
+        if self.failed is not None:
+            raise self.failed
+        try:
+            self.fh.write(data)
+        except OSError as exc:
+            raise self._fail(exc) from exc
 
     # ------------------------------------------------------------ payload
     def add_blob(self, stream: BinaryIO, tap: object = None) -> Blob:
         """Append everything ``stream`` yields; ``tap(chunk)`` sees each chunk
         (to hash it on the way)."""
+        if self.failed is not None:
+            raise self.failed
         start = self.stream_pos
         while chunk := stream.read(READ_CHUNK):
             if tap is not None:
@@ -143,8 +165,8 @@ class BkpWriter:
         future, rawlen, stream_offset = self.pending.popleft()
         codec, payload, check = future.result()
         seq = len(self.frames)
-        self.fh.write(pack_frame_header(FRAME_DATA, codec, seq, len(payload), rawlen, check))
-        self.fh.write(payload)
+        self._write(pack_frame_header(FRAME_DATA, codec, seq, len(payload), rawlen, check))
+        self._write(payload)
         self.frames.append(FrameEntry(self.pos, len(payload), rawlen, codec, stream_offset))
         self.pos += 48 + len(payload)
 
@@ -157,6 +179,8 @@ class BkpWriter:
     # ------------------------------------------------------------ finishing
     def finish(self, manifest: Manifest) -> Path:
         """Write the manifest and footer, make the file durable, rename it."""
+        if self.failed is not None:
+            raise self.failed
         self._cut()
         while self.pending:
             self._drain_one()
@@ -170,14 +194,17 @@ class BkpWriter:
         raw = encoder.encode(manifest)
         codec, payload, check = _compress(raw, self.level, self.cipher, FRAME_MANIFEST, len(self.frames))
         manifest_offset = self.pos
-        self.fh.write(pack_frame_header(FRAME_MANIFEST, codec, len(self.frames), len(payload), len(raw),
-                                        check))
-        self.fh.write(payload)
+        self._write(pack_frame_header(FRAME_MANIFEST, codec, len(self.frames), len(payload), len(raw),
+                                      check))
+        self._write(payload)
         self.pos += 48 + len(payload)
-        self.fh.write(pack_footer(manifest_offset, 48 + len(payload), len(self.frames), self.file_id))
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
+        self._write(pack_footer(manifest_offset, 48 + len(payload), len(self.frames), self.file_id))
+        try:
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.fh.close()
+        except OSError as exc:  # a full disk often shows only here (delayed allocation, NFS)
+            raise self._fail(exc) from exc
         os.replace(self.tmp, self.final)
         self.closed = True  # only now: if the rename fails, abort() must still remove the temporary file
         fsync_dir(self.final.parent)
@@ -190,7 +217,10 @@ class BkpWriter:
         self.closed = True
         self.pool.shutdown(cancel_futures=True)
         try:
-            self.fh.close()
+            # closing flushes the buffer, which fails again on a full disk; the
+            # file descriptor is closed all the same, and the file goes
+            with contextlib.suppress(OSError):
+                self.fh.close()
         finally:
             try:
                 self.tmp.unlink()

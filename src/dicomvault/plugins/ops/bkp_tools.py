@@ -28,7 +28,8 @@ from dicomvault.engine import (
     UsageError,
     hookimpl,
 )
-from dicomvault.formats.bkp.layout import FRAME, HEADER
+from dicomvault.engine.passphrase import PassphraseSource, add_passphrase_options
+from dicomvault.formats.bkp.layout import FLAG_ENCRYPTED, FRAME, HEADER, HEADER_MAGIC
 from dicomvault.formats.bkp.reader import BkpReader
 from dicomvault.formats.bkp.salvage import salvage
 from dicomvault.formats.bkp.validate import Result, check
@@ -53,6 +54,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                             help="how deep to show (default: series)")
         sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print the result as JSON on stdout")
+        add_passphrase_options(sp)
 
 
 def _emit(args: argparse.Namespace, data: Any, text: list[str]) -> None:
@@ -62,12 +64,30 @@ def _emit(args: argparse.Namespace, data: Any, text: list[str]) -> None:
         sys.stdout.write("".join(line + "\n" for line in text))
 
 
-def _open(path: str) -> BkpReader:
-    return BkpReader(path)  # format errors go to the CLI: one line, exit code 2
+def _encrypted(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(HEADER.size)
+    except OSError:
+        return False  # the reader says why
+    return len(head) == HEADER.size and head[:8] == HEADER_MAGIC and \
+        bool(int.from_bytes(head[12:16], "little") & FLAG_ENCRYPTED)
+
+
+def _passphrase(args: argparse.Namespace, *, ask: bool = True) -> str | None:
+    """The passphrase when the file is encrypted (asked in a terminal when
+    ``ask`` and no --passphrase-env/--passphrase-file was given)."""
+    if not _encrypted(args.file):
+        return None
+    return PassphraseSource.from_args(args).get(f"the encrypted backup {args.file}", ask=ask)
+
+
+def _open(args: argparse.Namespace) -> BkpReader:
+    return BkpReader(args.file, passphrase=_passphrase(args))  # errors: one line, exit code 2
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    reader = _open(args.file)
+    reader = _open(args)
     try:
         m = reader.manifest
         stored = sum(fe.stored for fe in m.frames)
@@ -80,7 +100,9 @@ def _inspect(args: argparse.Namespace) -> int:
             "patients": len(m.patients), "studies": len(m.studies), "series": len(m.series),
             "instances": len(m.instances), "attributes": len(m.attributes),
             "attachments": len(m.attachments),
-            "manifest_bytes": reader.size - HEADER.size - 64 - sum(FRAME.size + fe.stored for fe in m.frames),
+            "encrypted": reader.encrypted,
+            "manifest_bytes": reader.size - reader.data_start - 64
+            - sum(FRAME.size + fe.stored for fe in m.frames),
         }
     finally:
         reader.close()
@@ -88,6 +110,7 @@ def _inspect(args: argparse.Namespace) -> int:
     text = [
         f"file        {args.file} ({info['size']:,} bytes)",
         f"format      {info['format']} {info['version']}, written by {info['writer']} at {info['created']}",
+        f"encrypted   {'yes (AES-256-GCM, key from a passphrase by scrypt)' if reader.encrypted else 'no'}",
         f"features    required: {', '.join(m.required_features) or 'none'}; "
         f"optional: {', '.join(m.optional_features) or 'none'}",
         f"payload     {info['payload_bytes']:,} bytes in {info['frames']} frames, stored in {stored:,} "
@@ -101,7 +124,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    reader = _open(args.file)
+    reader = _open(args)
     try:
         m = reader.manifest
     finally:
@@ -158,7 +181,8 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace, deep: bool) -> int:
     try:
-        result: Result = check(args.file, deep=deep)
+        # validate checks what it can without the key; verify needs it (asked in a terminal)
+        result: Result = check(args.file, deep=deep, passphrase=_passphrase(args, ask=deep))
     except OSError as exc:
         raise UsageError(f"cannot open {args.file}: {exc.strerror}") from exc
     text = [f"{f.severity.upper():7} {f.code:26} {f.message}" for f in result.findings]
@@ -176,7 +200,7 @@ def _salvage(args: argparse.Namespace) -> int:
     if os.path.exists(args.output):
         raise UsageError(f"{args.output} exists; choose another name")
     try:
-        result = salvage(args.file, args.output)
+        result = salvage(args.file, args.output, passphrase=_passphrase(args))
     except OSError as exc:
         raise UsageError(f"cannot salvage {args.file}: {exc.strerror or exc}") from exc
     text = [f"note: {n}" for n in result.notes]
