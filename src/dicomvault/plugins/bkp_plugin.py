@@ -14,7 +14,6 @@ from dicomvault.engine import (
     Attributes,
     ConflictPolicy,
     Context,
-    DicomvaultError,
     Item,
     Kind,
     Opener,
@@ -25,6 +24,7 @@ from dicomvault.engine import (
     Selection,
     SeriesRecord,
     StudyRecord,
+    TargetError,
     UsageError,
     hookimpl,
 )
@@ -34,7 +34,6 @@ from dicomvault.formats.bkp.volumes import (
     Part,
     Record,
     VolumeSetWriter,
-    VolumeSizeError,
     attachment_cost,
     instance_cost,
     open_backup,
@@ -262,9 +261,6 @@ class BkpVolumesTarget:
         self.studies: dict[str, StudyRecord] = {}
         self.series: dict[str, SeriesRecord] = {}
         self.instance_series: dict[str, str] = {}
-        # An error that spoils the whole set (something too large, a volume that cannot be
-        # started): later items are not written and finish() raises it, keeping no volume.
-        self.fatal: DicomvaultError | None = None
         # Attributes known before the instances (preload_attributes): each volume then carries
         # those of every patient, study, series and instance it holds.
         self.known_attributes: dict[tuple[str, str], Attributes] = {}
@@ -299,26 +295,26 @@ class BkpVolumesTarget:
     def _write(self, open_: Opener, expected: str, what: str, size: int, cost: int,
                records: tuple[Record, ...],
                attributes: tuple[Attributes, ...] = ()) -> tuple[OpenVolume | None, Blob | None, str]:
-        if self.fatal is not None:
-            return None, None, f"not written: {self.fatal}"
-        try:
-            vol = self.set.place(size=size, cost=cost, records=records, what=what, attributes=attributes)
-        except (VolumeSizeError, OSError) as exc:
-            self.fatal = _as_fatal(exc)  # the export fails as a whole: a set must not lack it
-            return None, None, str(self.fatal)
+        # Something too large for a volume, or a volume that cannot be started, spoils the
+        # whole set: a TargetError stops the run at once, and finish(False) keeps no volume.
+        vol = self._place(size=size, cost=cost, records=records, what=what, attributes=attributes)
         digest = hashlib.sha256()
         with open_() as fh:
             blob = vol.writer.add_blob(fh, digest.update)
         got = digest.hexdigest()
-        try:
-            self.set.check_room(vol)
-        except VolumeSizeError as exc:
-            self.fatal = exc
-            return None, None, str(exc)
+        self.set.check_room(vol)
         if expected and got != expected:
             return None, None, (f"{what}: the bytes read do not match their SHA-256 (stored copy damaged?); "
                                 "not written")
         return vol, blob, got
+
+    def _place(self, *, size: int, cost: int, records: tuple[Record, ...], what: str,
+               attributes: tuple[Attributes, ...] = ()) -> OpenVolume:
+        try:
+            return self.set.place(size=size, cost=cost, records=records, what=what, attributes=attributes)
+        except OSError as exc:
+            raise TargetError(f"cannot write the next volume of {self.description}: "
+                              f"{exc.strerror or exc}; nothing was kept") from exc
 
     def put_instance(self, item: Item, policy: ConflictPolicy) -> tuple[Outcome, str]:
         rec = item.instance
@@ -345,18 +341,12 @@ class BkpVolumesTarget:
         return Outcome.STORED, ""
 
     def put_attributes(self, attrs: Attributes, policy: ConflictPolicy) -> tuple[Outcome, str]:
-        if self.fatal is not None:
-            return Outcome.FAILED, f"not written: {self.fatal}"
         key = (attrs.level, attrs.uid)
         if key in self.placed_attributes and self.known_attributes.get(key) == attrs:
             return Outcome.STORED, ""  # already in the volume(s) of its entity
         records = self._chain(attrs.level, attrs.uid)
-        try:
-            vol = self.set.place(size=0, cost=len(msgspec.msgpack.encode(attrs)), records=records,
-                                 what=f"the attributes of {attrs.level} {attrs.uid}")
-        except (VolumeSizeError, OSError) as exc:
-            self.fatal = _as_fatal(exc)
-            return Outcome.FAILED, str(self.fatal)
+        vol = self._place(size=0, cost=len(msgspec.msgpack.encode(attrs)), records=records,
+                          what=f"the attributes of {attrs.level} {attrs.uid}")
         self.set.add_attributes(vol, attrs, records)
         return Outcome.STORED, ""
 
@@ -378,16 +368,7 @@ class BkpVolumesTarget:
         if not ok:
             self.set.abort()
             return
-        if self.fatal is not None:
-            self.set.abort()
-            raise type(self.fatal)(f"{self.fatal}; no volume was kept")
         self.files = self.set.finish()
-
-
-def _as_fatal(exc: VolumeSizeError | OSError) -> DicomvaultError:
-    if isinstance(exc, DicomvaultError):
-        return exc
-    return DicomvaultError(f"cannot write the next volume: {exc}")
 
 
 def _check_output(path: str, overwrite: bool) -> Path:

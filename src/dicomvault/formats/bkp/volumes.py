@@ -40,12 +40,12 @@ import msgspec
 from dicomvault.engine import (
     AttachmentRecord,
     Attributes,
-    DicomvaultError,
     FormatError,
     InstanceRecord,
     PatientRecord,
     SeriesRecord,
     StudyRecord,
+    TargetError,
     VolumeSetError,
 )
 
@@ -79,8 +79,9 @@ _SIZE = re.compile(r"^(?P<num>[0-9]+(?:\.[0-9]+)?)(?P<unit>[kmgt]?)(?P<binary>i?
 _UNITS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
-class VolumeSizeError(DicomvaultError):
-    """Something to be written does not fit in one volume, even an empty one."""
+class VolumeSizeError(TargetError):
+    """Something to be written does not fit in one volume, even an empty one.
+    A ``TargetError``: the run stops at once, and no volume of the set is kept."""
 
 
 def parse_size(text: str) -> int:
@@ -298,7 +299,7 @@ class VolumeSetWriter:
                                            + sum(_cost(a) for a in attributes))
                 raise VolumeSizeError(f"{what} ({size} bytes) does not fit in a volume of {self.limit} "
                                       f"bytes (a volume holding only it needs up to {alone} bytes); "
-                                      "choose a larger --volume-size")
+                                      "choose a larger --volume-size; no volume was kept")
             self._close_volume(last=False)
             self.current = self._new_volume(vol.index + 1)
 
@@ -306,7 +307,7 @@ class VolumeSetWriter:
         """After a blob was written: it was no larger than announced."""
         if self._size_at_most(vol, vol.writer.stream_pos, vol.meta) > self.limit:
             raise VolumeSizeError(f"volume {vol.index} would exceed {self.limit} bytes: a file grew while "
-                                  "it was being read")
+                                  "it was being read; no volume was kept")
 
     def add_instance(self, vol: OpenVolume, entry: InstanceEntry, records: tuple[Record, ...],
                      attributes: tuple[Attributes, ...] = ()) -> None:
