@@ -205,6 +205,7 @@ class FolderTarget(_Base):
         self._staging: Path | None = None
         self._real_root: str | None = None
         self._dirs: set[Path] = set()
+        self._fresh: set[Path] = set()  # folders this run created: they hold only what it put there
         self.touched = False
 
     # -- paths that never leave OUTDIR
@@ -235,6 +236,7 @@ class FolderTarget(_Base):
                 continue
             try:
                 current.mkdir()
+                self._fresh.add(current)
             except FileExistsError:
                 if current.is_symlink() or not current.is_dir():
                     raise OSError(f"{current} is a symbolic link or not a folder: it could lead outside "
@@ -298,6 +300,7 @@ class FolderTarget(_Base):
         return digest.hexdigest() == sha
 
     def put_prepared(self, item: Item, prepared: Prepared, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        placed = False
         try:
             seen = self._already(item)
             if seen is not None:
@@ -308,7 +311,9 @@ class FolderTarget(_Base):
             dest = self.destination(rel)
             self._make_parent(dest)
             outcome = Outcome.STORED
-            if os.path.lexists(dest):
+            # the layout never gives two instances one name, so only a folder this run
+            # did not create can hold something under it already
+            if dest.parent not in self._fresh and os.path.lexists(dest):
                 mode = self.options.on_existing
                 if dest.is_symlink() or not dest.is_file():
                     return Outcome.CONFLICT, f"{'/'.join(rel)} exists and is not a plain file; left untouched"
@@ -326,13 +331,15 @@ class FolderTarget(_Base):
                     return Outcome.CONFLICT, (f"{'/'.join(rel)} exists with other content; left untouched "
                                               f"(--on-existing {mode})")
             os.replace(prepared.path, dest)
+            placed = True
             self.touched = True
             self._record(item, rel, prepared.sha256, prepared.size,
                          getattr(prepared, "source_sha", prepared.sha256), header_loader(dest),
                          prepared.converted_from)
             return outcome, ""
         finally:
-            prepared.path.unlink(missing_ok=True)
+            if not placed:
+                prepared.path.unlink(missing_ok=True)
 
     def _free_name(self, rel: list[str]) -> list[str]:
         from . import naming
