@@ -355,6 +355,36 @@ def test_dicomdir_series_encoded_as_pydicom_would(cli, pydicom_files: Path,  # t
     assert again.getvalue() == dicomdir.read_bytes()
 
 
+def test_dicomdir_raw_data_set_becomes_part10(cli, pydicom_files: Path,  # type: ignore[no-untyped-def]
+                                               tmp_path: Path) -> None:
+    """A data set stored without preamble and file meta goes on media as a
+    Part 10 file (same values), in a folder and in a zip; without --dicomdir
+    it is exported as stored."""
+    raw = pydicom_files / "ExplVR_LitEndNoMeta.dcm"
+    db = tmp_path / "db"
+    assert cli("--db", db, "-q", "import-dicom", raw).code == 0
+    for zipped in (False, True):
+        out = tmp_path / f"media{int(zipped)}"
+        zip_option = ["--zip"] if zipped else []
+        r = cli("--db", db, "-q", "export-dicom", out, "--whole", "--dicomdir", *zip_option)
+        assert r.code == 0, r.err
+        if zipped:
+            with zipfile.ZipFile(out.with_suffix(".zip")) as zf:
+                zf.extractall(out)
+        (entry,) = _report(out)["instances"].values()
+        assert entry["converted_from"] == "1.2.840.10008.1.2.1" and entry["source_sha256"] == _sha(raw)
+        exported = out / entry["path"]
+        assert exported.read_bytes()[128:132] == b"DICM" and _sha(exported) == entry["sha256"]
+        a, b = pydicom.dcmread(raw, force=True), pydicom.dcmread(exported)
+        assert b.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+        _same_values(a, b, False)
+        assert _dciodvfy_errors(out / "DICOMDIR") == []
+    plain = tmp_path / "plain"
+    assert cli("--db", db, "-q", "export-dicom", plain, "--whole").code == 0
+    (entry,) = _report(plain)["instances"].values()
+    assert _sha(plain / entry["path"]) == _sha(raw)
+
+
 # ---------------------------------------------------------------- zip
 def test_zip_with_dicomdir(cli, db: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     r = cli("--db", db, "--json", "export-dicom", tmp_path / "media", "--zip", "--dicomdir",

@@ -257,17 +257,18 @@ class FolderTarget(_Base):
         tmp = staging / f"{uuid.uuid4().hex}.part"
         converted_from = ""
         with item.open() as src, open(tmp, "wb") as out:
-            sha, size, source_sha = copy_hashed(src, out)
+            first = _Head(out)
+            sha, size, source_sha = copy_hashed(src, first)
             if _syncfs is None:
                 out.flush()
                 os.fsync(out.fileno())
         try:
             _verify(item, source_sha)
             if self.builder is not None:
-                if convert.needs_conversion(item.instance.transfer_syntax):
+                if convert.needs_conversion(item.instance.transfer_syntax, first.head):
                     conv = tmp.with_suffix(".conv")
                     with open(tmp, "rb") as src, open(conv, "wb") as out:
-                        converted_from = convert.to_explicit_le(src, out)
+                        converted_from = convert.to_explicit_le(src, out, item.instance.transfer_syntax)
                     os.replace(conv, tmp)
                     with open(tmp, "rb") as fh:
                         sha, size, _ = copy_hashed(fh, _Null())
@@ -399,3 +400,17 @@ class FolderTarget(_Base):
 class _Null:
     def write(self, data: bytes) -> int:
         return len(data)
+
+
+class _Head:
+    """Writes through to ``out`` and keeps the first 132 bytes (preamble and
+    ``DICM``: whether the file is a Part 10 file)."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.head = b""
+
+    def write(self, data: bytes) -> int:
+        if len(self.head) < 132:
+            self.head += data[: 132 - len(self.head)]
+        return self.out.write(data)
