@@ -5,12 +5,14 @@ pydicom's ``FileSet.add`` writes every instance to a staging copy with
 its own File IDs; ``RecordNode.add`` finds siblings by a linear scan. We
 need byte-identical files under *our* File IDs, so we use FileSet for what
 it does well -- making the directory records (``_recordify``: PATIENT,
-STUDY, SERIES and the right leaf type for the SOP Class) and encoding the
-DICOMDIR with its record offsets (``_write_dicomdir``) -- and link the
-record tree ourselves, with dictionaries.
+STUDY, SERIES and the right leaf type for the SOP Class) -- and link the
+record tree ourselves, with dictionaries. Later IMAGE records of a series
+are made from the source's records without a header, and the DICOMDIR is
+encoded here (each record once; ``_write_dicomdir`` encodes each twice),
+byte for byte as pydicom's ``_write_dicomdir`` would (a test checks).
 
 Record keys the standard makes Type 1 but the instance lacks are filled by
-one rule (README, "DICOMDIR"), and each filling is reported as a warning:
+one rule (README, "Export DICOM"), and each filling is reported as a warning:
 
 * PatientID: ``DV`` + 14 hex digits of the patient's identity (patient key);
 * StudyDate / StudyTime: the first of Series, Acquisition, Content date/time,
