@@ -25,7 +25,7 @@ from dicomvault.engine import (
 from dicomvault.engine.options import add_selection_options, selection_from
 from dicomvault.engine.passphrase import add_passphrase_options
 
-from .layout import FIELDS, Layout
+from .layout import DEFAULT_TEMPLATE, DICOMDIR_TEMPLATE, FIELDS, Layout
 from .target import ON_EXISTING, REPORT_NAME, FolderTarget, Options
 from .zipout import ZipTarget
 
@@ -77,7 +77,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     add_passphrase_options(p)
     p.add_argument("--layout", default="", metavar="TEMPLATE",
                    help="folder and file names, e.g. '{PatientID}/{StudyDate}/{SeriesNumber}/"
-                        "{InstanceNumber:05}.dcm'; fields: " + ", ".join(FIELDS))
+                        "{InstanceNumber:05}.dcm' (default: '" + DEFAULT_TEMPLATE + "'; with --dicomdir: '"
+                        + DICOMDIR_TEMPLATE + "'); fields: " + ", ".join(FIELDS))
     p.add_argument("--dicomdir", action="store_true",
                    help="DICOM media: conformant File IDs, Explicit VR Little Endian, and a DICOMDIR")
     p.add_argument("--zip", action="store_true", help="write one zip file (OUTDIR, '.zip' added if missing)")
