@@ -9,6 +9,7 @@ import argparse
 import os
 import urllib.parse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicomvault.engine import (
     ConflictError,
@@ -26,8 +27,11 @@ from dicomvault.engine.options import add_selection_options, selection_from
 from dicomvault.engine.passphrase import add_passphrase_options
 
 from .layout import DEFAULT_TEMPLATE, DICOMDIR_TEMPLATE, FIELDS, Layout
-from .target import ON_EXISTING, REPORT_NAME, FolderTarget, Options
-from .zipout import ZipTarget
+from .options import ON_EXISTING, REPORT_NAME, Options
+
+if TYPE_CHECKING:  # the targets import pydicom: loaded when an export runs, not at start-up
+    from .target import FolderTarget
+    from .zipout import ZipTarget
 
 FOLDER = "dicom-folder:"
 ZIP = "dicom-zip:"
@@ -60,11 +64,13 @@ def make_address(scheme: str, path: str, options: Options) -> str:
 
 
 def _open_folder(url: str, ctx: Context) -> FolderTarget:
+    from .target import FolderTarget
     path, options = parse_address(url)
     return FolderTarget(path, options)
 
 
 def _open_zip(url: str, ctx: Context) -> ZipTarget:
+    from .zipout import ZipTarget
     path, options = parse_address(url)
     return ZipTarget(path, options)
 

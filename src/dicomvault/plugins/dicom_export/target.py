@@ -36,7 +36,8 @@ from dicomvault.engine import (
 
 from . import convert
 from .dicomdir import DicomdirBuilder, Leaf
-from .layout import DEFAULT_TEMPLATE, DICOMDIR_TEMPLATE, Layout
+from .layout import Layout
+from .options import REPORT_NAME, Options
 
 CHUNK = 1 << 20
 _UID = re.compile(r"^[012](\.(0|[1-9][0-9]*))+$")
@@ -49,19 +50,6 @@ def media_uid_problem(item: Item) -> str:
         if len(uid) > 64 or not _UID.match(uid):
             return f"its {what} Instance UID is not a valid UID; not written to DICOM media"
     return ""
-REPORT_NAME = "export-report.json"
-ON_EXISTING = ("skip", "overwrite", "rename", "fail")
-
-
-@dataclass
-class Options:
-    layout: str = ""
-    dicomdir: bool = False
-    on_existing: str = "skip"
-    fileset_id: str = "DICOMVAULT"
-
-    def template(self) -> str:
-        return self.layout or (DICOMDIR_TEMPLATE if self.dicomdir else DEFAULT_TEMPLATE)
 
 
 @dataclass
