@@ -4,7 +4,8 @@ the same DCMTK ``storescp`` on 127.0.0.1.
 
 The data (synthetic PET/CT/MR studies from benchmarks/synth.py, 200 MB by
 default) is imported into a fresh dicomvault database once (untimed). Each
-timed run empties the receiver's folder first and warms the page cache for
+timed run empties the receiver's folder first, syncs (so that the previous
+run's received files are not written back during this one) and warms the page cache for
 both sides (dcmsend reads the generated files, dicomvault its store: the same
 bytes); every run must deliver every file, checked by counting what storescp
 wrote. Reported: files/s and MB/s (payload bytes, 1 MB = 10^6 B, over wall
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     def timed(name: str, argv: list[str], e: dict[str, str] | None = None) -> float:
         shutil.rmtree(received, ignore_errors=True)
         received.mkdir()
+        os.sync()  # the previous run's received files are not written back during this one
         warm(src)
         warm(db / "store")
         t0 = time.perf_counter()

@@ -5,6 +5,7 @@ character sets and UIDs generated here (nothing is committed)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import pydicom
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydicom.filebase import DicomFileLike
 from pydicom.fileset import FileSet, is_conformant_file_id
 from pydicom.uid import generate_uid
 
@@ -326,6 +328,61 @@ def test_dicomdir_readable_layout_is_made_conformant(cli, db: Path, tmp_path: Pa
     ids = sorted(i.FileID for i in fs)
     assert all(is_conformant_file_id(Path(i)) for i in ids)
     assert len({Path(i).parts[0] for i in ids}) == 4  # four patients, four folders, even DOE JOHN twice
+
+
+def test_dicomdir_series_encoded_as_pydicom_would(cli, pydicom_files: Path,  # type: ignore[no-untyped-def]
+                                                  tmp_path: Path) -> None:
+    """Series of many images (their later IMAGE records are made from the
+    source's records and encoded directly): the DICOMDIR is exactly what
+    pydicom's own writer makes of the same records, and valid."""
+    db, out = tmp_path / "db", tmp_path / "media"
+    src = pydicom_files / "dicomdirtests"
+    assert cli("--db", db, "-q", "import-dicom", src / "98892003", src / "77654033",
+               src / "TINY_ALPHA" / "PT000000").code == 0
+    r = cli("--db", db, "--json", "export-dicom", out, "--whole", "--dicomdir")
+    assert r.code == 0, r.err
+    dicomdir = out / "DICOMDIR"
+    assert _dciodvfy_errors(dicomdir) == []
+    fs = _fileset(dicomdir)
+    stored = r.json()["counts"]["instance"]["stored"]
+    assert len(fs) == stored > 50
+    for inst in fs:
+        ds = pydicom.dcmread(inst.path, stop_before_pixels=True)
+        assert ds.SOPInstanceUID == inst.ReferencedSOPInstanceUIDInFile
+        assert str(inst.InstanceNumber) == str(ds.InstanceNumber)
+    again = io.BytesIO()
+    fs._write_dicomdir(DicomFileLike(again))
+    assert again.getvalue() == dicomdir.read_bytes()
+
+
+def test_dicomdir_raw_data_set_becomes_part10(cli, pydicom_files: Path,  # type: ignore[no-untyped-def]
+                                               tmp_path: Path) -> None:
+    """A data set stored without preamble and file meta goes on media as a
+    Part 10 file (same values), in a folder and in a zip; without --dicomdir
+    it is exported as stored."""
+    raw = pydicom_files / "ExplVR_LitEndNoMeta.dcm"
+    db = tmp_path / "db"
+    assert cli("--db", db, "-q", "import-dicom", raw).code == 0
+    for zipped in (False, True):
+        out = tmp_path / f"media{int(zipped)}"
+        zip_option = ["--zip"] if zipped else []
+        r = cli("--db", db, "-q", "export-dicom", out, "--whole", "--dicomdir", *zip_option)
+        assert r.code == 0, r.err
+        if zipped:
+            with zipfile.ZipFile(out.with_suffix(".zip")) as zf:
+                zf.extractall(out)
+        (entry,) = _report(out)["instances"].values()
+        assert entry["converted_from"] == "1.2.840.10008.1.2.1" and entry["source_sha256"] == _sha(raw)
+        exported = out / entry["path"]
+        assert exported.read_bytes()[128:132] == b"DICM" and _sha(exported) == entry["sha256"]
+        a, b = pydicom.dcmread(raw, force=True), pydicom.dcmread(exported)
+        assert b.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+        _same_values(a, b, False)
+        assert _dciodvfy_errors(out / "DICOMDIR") == []
+    plain = tmp_path / "plain"
+    assert cli("--db", db, "-q", "export-dicom", plain, "--whole").code == 0
+    (entry,) = _report(plain)["instances"].values()
+    assert _sha(plain / entry["path"]) == _sha(raw)
 
 
 # ---------------------------------------------------------------- zip

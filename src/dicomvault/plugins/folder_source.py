@@ -12,10 +12,10 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import msgspec
 
-from dicomvault.dicom.probe import Header, NotInstance, read_header
 from dicomvault.engine import (
     AttachmentRecord,
     Attributes,
@@ -28,7 +28,10 @@ from dicomvault.engine import (
 )
 
 BATCH = 64  # files per work item for the header-parsing processes
-Probed = Header | tuple[str, bool]
+if TYPE_CHECKING:  # the probe imports pydicom: loaded when files are read, not at start-up
+    from dicomvault.dicom.probe import Header
+
+    Probed = Header | tuple[str, bool]
 
 
 def walk(paths: Sequence[str]) -> Iterator[str]:
@@ -53,6 +56,8 @@ def _batches(paths: Iterator[str], size: int) -> Iterator[list[str]]:
 
 
 def _probe(path: str) -> Probed:
+    from dicomvault.dicom.probe import NotInstance, read_header
+
     try:
         return read_header(path)
     except NotInstance as exc:

@@ -11,6 +11,7 @@ DICOMDIR File IDs use a stricter alphabet: 1 to 8 of ``A-Z 0-9 _``.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import unicodedata
@@ -48,6 +49,7 @@ def _truncate(name: str, limit: int) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=1 << 16)  # pure; the same folder names come once per instance
 def sanitize(value: str, fallback: str, limit: int = COMPONENT_MAX) -> str:
     """A valid file or folder name from ``value`` (``fallback`` if nothing is left).
 
@@ -80,6 +82,7 @@ def with_suffix(name: str, tag: str, limit: int = COMPONENT_MAX) -> str:
     return f"{stem}_{tag}.{ext}" if ext else f"{stem}_{tag}"
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def file_id(value: str, fallback: str) -> str:
     """A DICOMDIR File ID component: 1-8 of ``A-Z 0-9 _``, from ``value``
     (accents folded, everything else dropped)."""

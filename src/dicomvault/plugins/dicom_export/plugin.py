@@ -9,6 +9,7 @@ import argparse
 import os
 import urllib.parse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicomvault.engine import (
     ConflictError,
@@ -25,9 +26,12 @@ from dicomvault.engine import (
 from dicomvault.engine.options import add_selection_options, selection_from
 from dicomvault.engine.passphrase import add_passphrase_options
 
-from .layout import FIELDS, Layout
-from .target import ON_EXISTING, REPORT_NAME, FolderTarget, Options
-from .zipout import ZipTarget
+from .layout import DEFAULT_TEMPLATE, DICOMDIR_TEMPLATE, FIELDS, Layout
+from .options import ON_EXISTING, REPORT_NAME, Options
+
+if TYPE_CHECKING:  # the targets import pydicom: loaded when an export runs, not at start-up
+    from .target import FolderTarget
+    from .zipout import ZipTarget
 
 FOLDER = "dicom-folder:"
 ZIP = "dicom-zip:"
@@ -60,11 +64,13 @@ def make_address(scheme: str, path: str, options: Options) -> str:
 
 
 def _open_folder(url: str, ctx: Context) -> FolderTarget:
+    from .target import FolderTarget
     path, options = parse_address(url)
     return FolderTarget(path, options)
 
 
 def _open_zip(url: str, ctx: Context) -> ZipTarget:
+    from .zipout import ZipTarget
     path, options = parse_address(url)
     return ZipTarget(path, options)
 
@@ -77,7 +83,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     add_passphrase_options(p)
     p.add_argument("--layout", default="", metavar="TEMPLATE",
                    help="folder and file names, e.g. '{PatientID}/{StudyDate}/{SeriesNumber}/"
-                        "{InstanceNumber:05}.dcm'; fields: " + ", ".join(FIELDS))
+                        "{InstanceNumber:05}.dcm' (default: '" + DEFAULT_TEMPLATE + "'; with --dicomdir: '"
+                        + DICOMDIR_TEMPLATE + "'); fields: " + ", ".join(FIELDS))
     p.add_argument("--dicomdir", action="store_true",
                    help="DICOM media: conformant File IDs, Explicit VR Little Endian, and a DICOMDIR")
     p.add_argument("--zip", action="store_true", help="write one zip file (OUTDIR, '.zip' added if missing)")

@@ -36,7 +36,8 @@ from dicomvault.engine import (
 
 from . import convert
 from .dicomdir import DicomdirBuilder, Leaf
-from .layout import DEFAULT_TEMPLATE, DICOMDIR_TEMPLATE, Layout
+from .layout import Layout
+from .options import REPORT_NAME, Options
 
 CHUNK = 1 << 20
 _UID = re.compile(r"^[012](\.(0|[1-9][0-9]*))+$")
@@ -49,19 +50,6 @@ def media_uid_problem(item: Item) -> str:
         if len(uid) > 64 or not _UID.match(uid):
             return f"its {what} Instance UID is not a valid UID; not written to DICOM media"
     return ""
-REPORT_NAME = "export-report.json"
-ON_EXISTING = ("skip", "overwrite", "rename", "fail")
-
-
-@dataclass
-class Options:
-    layout: str = ""
-    dicomdir: bool = False
-    on_existing: str = "skip"
-    fileset_id: str = "DICOMVAULT"
-
-    def template(self) -> str:
-        return self.layout or (DICOMDIR_TEMPLATE if self.dicomdir else DEFAULT_TEMPLATE)
 
 
 @dataclass
@@ -205,6 +193,7 @@ class FolderTarget(_Base):
         self._staging: Path | None = None
         self._real_root: str | None = None
         self._dirs: set[Path] = set()
+        self._fresh: set[Path] = set()  # folders this run created: they hold only what it put there
         self.touched = False
 
     # -- paths that never leave OUTDIR
@@ -235,6 +224,7 @@ class FolderTarget(_Base):
                 continue
             try:
                 current.mkdir()
+                self._fresh.add(current)
             except FileExistsError:
                 if current.is_symlink() or not current.is_dir():
                     raise OSError(f"{current} is a symbolic link or not a folder: it could lead outside "
@@ -255,17 +245,18 @@ class FolderTarget(_Base):
         tmp = staging / f"{uuid.uuid4().hex}.part"
         converted_from = ""
         with item.open() as src, open(tmp, "wb") as out:
-            sha, size, source_sha = copy_hashed(src, out)
+            first = _Head(out)
+            sha, size, source_sha = copy_hashed(src, first)
             if _syncfs is None:
                 out.flush()
                 os.fsync(out.fileno())
         try:
             _verify(item, source_sha)
             if self.builder is not None:
-                if convert.needs_conversion(item.instance.transfer_syntax):
+                if convert.needs_conversion(item.instance.transfer_syntax, first.head):
                     conv = tmp.with_suffix(".conv")
                     with open(tmp, "rb") as src, open(conv, "wb") as out:
-                        converted_from = convert.to_explicit_le(src, out)
+                        converted_from = convert.to_explicit_le(src, out, item.instance.transfer_syntax)
                     os.replace(conv, tmp)
                     with open(tmp, "rb") as fh:
                         sha, size, _ = copy_hashed(fh, _Null())
@@ -298,6 +289,7 @@ class FolderTarget(_Base):
         return digest.hexdigest() == sha
 
     def put_prepared(self, item: Item, prepared: Prepared, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        placed = False
         try:
             seen = self._already(item)
             if seen is not None:
@@ -308,7 +300,9 @@ class FolderTarget(_Base):
             dest = self.destination(rel)
             self._make_parent(dest)
             outcome = Outcome.STORED
-            if os.path.lexists(dest):
+            # the layout never gives two instances one name, so only a folder this run
+            # did not create can hold something under it already
+            if dest.parent not in self._fresh and os.path.lexists(dest):
                 mode = self.options.on_existing
                 if dest.is_symlink() or not dest.is_file():
                     return Outcome.CONFLICT, f"{'/'.join(rel)} exists and is not a plain file; left untouched"
@@ -326,13 +320,15 @@ class FolderTarget(_Base):
                     return Outcome.CONFLICT, (f"{'/'.join(rel)} exists with other content; left untouched "
                                               f"(--on-existing {mode})")
             os.replace(prepared.path, dest)
+            placed = True
             self.touched = True
             self._record(item, rel, prepared.sha256, prepared.size,
                          getattr(prepared, "source_sha", prepared.sha256), header_loader(dest),
                          prepared.converted_from)
             return outcome, ""
         finally:
-            prepared.path.unlink(missing_ok=True)
+            if not placed:
+                prepared.path.unlink(missing_ok=True)
 
     def _free_name(self, rel: list[str]) -> list[str]:
         from . import naming
@@ -392,3 +388,17 @@ class FolderTarget(_Base):
 class _Null:
     def write(self, data: bytes) -> int:
         return len(data)
+
+
+class _Head:
+    """Writes through to ``out`` and keeps the first 132 bytes (preamble and
+    ``DICM``: whether the file is a Part 10 file)."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.head = b""
+
+    def write(self, data: bytes) -> int:
+        if len(self.head) < 132:
+            self.head += data[: 132 - len(self.head)]
+        return self.out.write(data)

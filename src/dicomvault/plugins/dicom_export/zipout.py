@@ -97,9 +97,12 @@ class ZipTarget(_Base):
             _verify(item, source_sha)
             converted_from = ""
             spool.seek(0)
-            if self.builder is not None and convert.needs_conversion(item.instance.transfer_syntax):
+            head = spool.read(132)
+            spool.seek(0)
+            if self.builder is not None and convert.needs_conversion(item.instance.transfer_syntax, head):
                 conv = tempfile.SpooledTemporaryFile(SPOOL)
-                converted_from = convert.to_explicit_le(spool, conv)  # type: ignore[arg-type]
+                converted_from = convert.to_explicit_le(spool, conv,  # type: ignore[arg-type]
+                                                        item.instance.transfer_syntax)
                 spool.close()
                 spool = conv
                 spool.seek(0)

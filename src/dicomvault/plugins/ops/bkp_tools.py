@@ -31,7 +31,6 @@ from dicomvault.engine import (
 from dicomvault.engine.passphrase import PassphraseSource, add_passphrase_options
 from dicomvault.formats.bkp.layout import FLAG_ENCRYPTED, FRAME, HEADER, HEADER_MAGIC
 from dicomvault.formats.bkp.reader import BkpReader
-from dicomvault.formats.bkp.salvage import salvage
 from dicomvault.formats.bkp.validate import Result, check
 
 
@@ -200,6 +199,8 @@ def _salvage(args: argparse.Namespace) -> int:
     if os.path.exists(args.output):
         raise UsageError(f"{args.output} exists; choose another name")
     try:
+        from dicomvault.formats.bkp.salvage import salvage  # pydicom: only when salvaging
+
         result = salvage(args.file, args.output, passphrase=_passphrase(args))
     except OSError as exc:
         raise UsageError(f"cannot salvage {args.file}: {exc.strerror or exc}") from exc
