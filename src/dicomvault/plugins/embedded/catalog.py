@@ -3,6 +3,7 @@ attachments and the persistent selection. Schema and row mapping only."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import msgspec
@@ -59,6 +60,20 @@ HIERARCHY_SQL = (f"SELECT {PATIENT_COLS}, {STUDY_COLS}, {SERIES_COLS}, se.id FRO
 
 
 def connect(path: Path) -> sqlite3.Connection:
+    # Switching a new catalog to WAL takes an exclusive lock that SQLite's busy timeout does not
+    # always wait for: when another process is creating the same database, try again shortly.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return _connect(path)
+        except DatabaseError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn: sqlite3.Connection | None = None
     try:
         conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
@@ -77,6 +92,8 @@ def connect(path: Path) -> sqlite3.Connection:
                                 f"release knows up to {SCHEMA_VERSION}: upgrade dicomvault")
         conn.execute("COMMIT")
     except sqlite3.DatabaseError as exc:
+        if conn is not None:
+            conn.close()
         raise DatabaseError(f"cannot open the catalog {path}: {exc}") from exc
     return conn
 
