@@ -44,6 +44,7 @@ from dicomvault.engine import InstanceRecord, PatientRecord, SeriesRecord, Study
 from dicomvault.formats.bkp.manifest import InstanceEntry, Manifest
 from dicomvault.formats.bkp.reader import BkpReader
 from dicomvault.formats.bkp.writer import BkpWriter
+from precompile import precompile
 
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 ROOT = "1.2.826.0.1.3680043.10.1234.77"
@@ -199,6 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    precompile()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="2GB", help="size of the .bkp (default 2GB; 1 GB = 10^9 bytes)")
     ap.add_argument("--series", type=int, default=40, help="number of series (default 40)")

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from precompile import precompile
+
 HERE = Path(__file__).resolve().parent
 TOOLS = HERE.parent / "tools"
 TARGET_ONE, TARGET_PARALLEL = 0.5, 1.0
@@ -53,6 +55,7 @@ def load() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    precompile()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="200MB", help="generated data size (default 200MB)")
     ap.add_argument("--seed", type=int, default=1)

@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+from precompile import precompile
+
 HERE = Path(__file__).resolve().parent
 TARGET = 1.0  # ours / peer, time
 MIN_FILES = 10_000
@@ -77,6 +79,7 @@ def leaf_records(dicomdir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    precompile()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="420MB", help="generated data size (default 420MB: 10,401 files)")
     ap.add_argument("--seed", type=int, default=1)

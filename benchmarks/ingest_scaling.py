@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pydicom
 
+from precompile import precompile
+
 PER_SERIES, PER_STUDY = 200, 5
 
 
@@ -51,6 +53,7 @@ def generate(out: Path, first: int, last: int) -> None:
 
 
 def main() -> int:
+    precompile()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", default="1000,10000,25000,50000,75000,100000",
                     help="cumulative instance counts at which to measure")

@@ -34,6 +34,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from precompile import precompile  # noqa: E402
 from side_by_side import (  # noqa: E402  (the measuring helpers are shared)
     MB,
     Cache,
@@ -89,6 +90,7 @@ class Postgres:
 
 
 def main() -> int:
+    precompile()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1GB")
     ap.add_argument("--seed", type=int, default=1)

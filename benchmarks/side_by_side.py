@@ -51,6 +51,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from precompile import precompile
+
 HERE = Path(__file__).resolve().parent
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 MB = 1e6
@@ -523,6 +525,7 @@ def table(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    precompile()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1GB", help="size of the generated data (default 1GB; e.g. 5GB)")
     ap.add_argument("--seed", type=int, default=1, help="generator seed (default 1)")
