@@ -460,17 +460,32 @@ def test_export_whose_temporary_file_cannot_be_made(cli, corpus: Corpus, tmp_pat
 
 
 def test_export_that_cannot_be_renamed_into_place(cli, corpus: Corpus, tmp_path: Path) -> None:
-    """With --force onto a folder called OUT.bkp the final rename fails after
-    everything was written: clean error, no temporary file left behind, the
-    folder untouched."""
+    """--force onto a folder called OUT.bkp is refused before anything is
+    written; and a folder (or device, pipe) that appears under the final
+    name while the writer works makes the final step fail cleanly: no
+    temporary file left behind, the folder untouched."""
+    from dicomvault.engine import TargetError
+    from dicomvault.formats.bkp.manifest import Manifest
+    from dicomvault.formats.bkp.writer import BkpWriter
+
     out = tmp_path / "out.bkp"
     out.mkdir()
     (out / "keep.txt").write_text("keep")
     res = cli("--db", corpus.db, "export-db", out, "--whole", "--force")
-    assert res.code == 2
+    assert res.code == 64
     one_line_error(res)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bkp"]
     assert (out / "keep.txt").read_text() == "keep"
+
+    late = tmp_path / "late.bkp"
+    writer = BkpWriter(late, writer="tests")
+    writer.add_blob(io.BytesIO(b"x" * 1000))
+    late.mkdir()
+    with pytest.raises(TargetError, match="not a regular file"):
+        writer.finish(Manifest(major=0, minor=0, writer="", created=""))
+    writer.abort()
+    assert late.is_dir() and not list(late.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late.bkp", "out.bkp"]
 
 
 def _copy_db(corpus: Corpus, tmp_path: Path) -> tuple[Path, str, Path]:

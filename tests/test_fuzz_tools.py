@@ -95,6 +95,9 @@ def test_salvage_recovers_only_true_copies(tmp_path_factory: pytest.TempPathFact
     except FormatError:
         assert not out.exists()
         return
+    if not (result.instances_recovered or result.attachments_recovered):
+        assert not out.exists() and not result.output  # nothing kept: no empty look-alike backup
+        return
     assert verify(out).valid
     reader = BkpReader(out)
     try:

@@ -42,7 +42,7 @@ def test_embedded_to_orthanc_and_back(annotated: Path, orthanc_server, tmp_path:
     assert report["counts"]["instance"] == {"stored": len(want["instances"])}
     assert report["counts"]["attributes"] == {"stored": len(want["attributes"])}
     (att_id, att), = want["attachments"].items()
-    assert [(p["item"], p["outcome"]) for p in report["problems"]] == [(f"attachment {att_id}", "rejected")]
+    assert [(p["item"], p["outcome"]) for p in report["problems"]] == [(att_id, "rejected")]
     assert att[3] in report["problems"][0]["reason"]  # named
     assert orthanc_files(orthanc_server) == verified(src)
 

@@ -27,7 +27,7 @@ def print_summary(report: Report) -> None:
     print(f"{report.operation}: {VERDICT.get(report.exit_code, 'failed')} in {report.seconds:.1f} s")
     for what, counts in report.counts.items():
         parts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
-        print(f"  {what}s: {parts}")
+        print(f"  {what if what.endswith('s') else what + 's'}: {parts}")
     if report.bytes:
         print(f"  data written: {_size(report.bytes)}")
     for key, value in report.details.items():

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from .context import Context
-from .errors import ConflictError, DicomvaultError, TargetError
+from .errors import ConflictError, DicomvaultError, TargetError, UsageError
 from .interfaces import Source, Target
 from .types import ConflictPolicy, Event, Item, Outcome, Rejected, Report, Selection
 
@@ -186,7 +186,7 @@ def transfer(ctx: Context, source: Source, target: Target, selection: Selection,
                 outcome, reason = Outcome.FAILED, str(exc)
             record("attributes", outcome, name, reason)
         for rec, opener in source.attachments(selection):
-            name = f"attachment {rec.attachment_id}"
+            name = rec.attachment_id
             try:
                 if dry_run:
                     outcome, reason = _plan(target, "plan_attachment", rec, policy)
@@ -197,6 +197,9 @@ def transfer(ctx: Context, source: Source, target: Target, selection: Selection,
             except (DicomvaultError, OSError) as exc:
                 outcome, reason = Outcome.FAILED, str(exc)
             record("attachment", outcome, name, reason, rec.size)
+        if not report.counts and not selection.whole:
+            # A mistyped UID must not look like a successful (empty) backup or export.
+            raise UsageError(f"the selection matches nothing in {source.description}; nothing was done")
         ok = True
     finally:
         target.finish(ok and not dry_run)

@@ -207,7 +207,20 @@ class BkpTarget:
         self.series.setdefault(item.series.series_uid, item.series)
         return Outcome.STORED, ""
 
+    def _holds(self, level: str, uid: str) -> bool:
+        """Whether the file holds the entity (instances are written before attributes
+        and attachments, so this is known by then)."""
+        if level == "patient":
+            return uid in self.patients
+        if level == "study":
+            return uid in self.studies
+        if level == "series":
+            return uid in self.series
+        return level == "instance" and uid in self.instances
+
     def put_attributes(self, attrs: Attributes, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        if not self._holds(attrs.level, attrs.uid):
+            return Outcome.FAILED, ORPHAN.format(level=attrs.level)
         self.attributes[(attrs.level, attrs.uid)] = attrs
         return Outcome.STORED, ""
 
@@ -215,6 +228,8 @@ class BkpTarget:
                        policy: ConflictPolicy) -> tuple[Outcome, str]:
         if record.attachment_id in self.attachments:
             return Outcome.UNCHANGED, ""
+        if not self._holds(record.level, record.uid):
+            return Outcome.FAILED, ORPHAN.format(level=record.level)
         blob, sha_or_reason, _size = self._write(open_, record.sha256, f"attachment {record.attachment_id}")
         if blob is None:
             return Outcome.FAILED, sha_or_reason
@@ -283,6 +298,11 @@ class BkpVolumesTarget:
                 ("series", item.series.series_uid), ("instance", item.instance.sop_uid)]
         return tuple(self.known_attributes[k] for k in keys if k in self.known_attributes)
 
+    def _held(self, level: str, uid: str, records: tuple[Record, ...]) -> bool:
+        if level == "instance":
+            return uid in self.instance_series
+        return len(records) == {"patient": 1, "study": 2, "series": 3}.get(level, -1)
+
     def _chain(self, level: str, uid: str) -> tuple[Record, ...]:
         """The records an entity of ``level`` ``uid`` needs, as far as they are known."""
         if level == "instance":
@@ -345,6 +365,8 @@ class BkpVolumesTarget:
         if key in self.placed_attributes and self.known_attributes.get(key) == attrs:
             return Outcome.STORED, ""  # already in the volume(s) of its entity
         records = self._chain(attrs.level, attrs.uid)
+        if not self._held(attrs.level, attrs.uid, records):
+            return Outcome.FAILED, ORPHAN.format(level=attrs.level)
         vol = self._place(size=0, cost=len(msgspec.msgpack.encode(attrs)), records=records,
                           what=f"the attributes of {attrs.level} {attrs.uid}")
         self.set.add_attributes(vol, attrs, records)
@@ -355,6 +377,8 @@ class BkpVolumesTarget:
         if record.attachment_id in self.attachment_ids:
             return Outcome.UNCHANGED, ""
         records = self._chain(record.level, record.uid)
+        if not self._held(record.level, record.uid, records):
+            return Outcome.FAILED, ORPHAN.format(level=record.level)
         vol, blob, sha_or_reason = self._write(open_, record.sha256, f"attachment {record.attachment_id}",
                                                record.size, attachment_cost(record), records)
         if blob is None:
@@ -371,8 +395,17 @@ class BkpVolumesTarget:
         self.files = self.set.finish()
 
 
+ORPHAN = ("its {level} holds no instance in this backup, and a .bkp keeps attributes and attachments "
+          "with the images of their owner; not written")
+
+
 def _check_output(path: str, overwrite: bool) -> Path:
     final = Path(path)
+    if final.is_dir():
+        raise UsageError(f"{path} is a folder; give the name of the .bkp file to write")
+    if final.exists() and not final.is_file():
+        # --force replaces by renaming over the name: never a device, a pipe or a socket
+        raise UsageError(f"{path} exists and is not a regular file; it is never replaced")
     if final.exists() and not overwrite:
         raise UsageError(f"{path} exists; choose another name or pass --force to replace it")
     if not final.parent.is_dir():
@@ -385,6 +418,8 @@ def _check_volume_output(path: str, overwrite: bool) -> Path:
     if not final.parent.is_dir():
         raise UsageError(f"the folder {final.parent} does not exist")
     existing = [p for ps in sibling_volumes(final.parent, final.name[:-4]).values() for p in ps]
+    if final.exists() and not final.is_file():
+        raise UsageError(f"{path} exists and is not a regular file; it is never replaced")
     if final.exists():
         existing.append(final)  # it would be read instead of the set
     if existing and not overwrite:

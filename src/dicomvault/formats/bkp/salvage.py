@@ -135,7 +135,12 @@ def salvage(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
                 _with_manifest(reader, out, result)
             finally:
                 reader.close()
-        out.finish()
+        if not (result.instances_recovered or result.attachments_recovered):
+            out.writer.abort()  # nothing to keep: no empty file that looks like a backup
+            result.output = ""
+            result.notes.append("nothing could be recovered; no file was written")
+        else:
+            out.finish()
     except BaseException:
         out.writer.abort()
         raise

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
+import xxhash
 import zstandard
 
 from dicomvault.engine import (
@@ -55,6 +56,7 @@ from .manifest import KNOWN_FEATURES, Manifest
 from .reader import MAX_MANIFEST, ONE_SHOT, BkpReader, _inflate
 
 ERROR, WARNING, INFO = "error", "warning", "info"
+CHUNK = 16 << 20
 
 
 class Finding(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -375,8 +377,9 @@ class _Checker:
         self.data_start = end
         return True
 
-    def sealed_chain(self, moff: int, mlen: int, nframes: int) -> None:
-        """Without the passphrase: frame headers and payload checksums only."""
+    def sealed_chain(self, moff: int, mlen: int, nframes: int, deep: bool) -> None:
+        """Without the passphrase: frame headers, the manifest's payload checksum
+        and, with ``deep``, every data frame's payload checksum."""
         at, seq = self.data_start, 0
         while at < moff:
             head = self.frame_header(at)
@@ -388,6 +391,15 @@ class _Checker:
                 if fseq != seq:
                     self.add("index.mismatch", f"data frame at offset {at} has seq {fseq}, "
                              f"expected {seq}", at)
+                if deep:
+                    got = self.stream_xxh3(at + FRAME.size, stored)
+                    if got is None:
+                        self.add("frame.truncated", f"frame {fseq} at offset {at} is incomplete", at)
+                    elif got != head[5]:
+                        self.add("frame.checksum", f"frame {fseq} at offset {at} is damaged (checksum "
+                                 "mismatch)", at)
+                    else:
+                        self.result.bytes_verified += stored
                 seq += 1
             elif is_critical_frame_type(ftype) and not known_frame_type(ftype):
                 self.add("frame.critical-unknown", f"frame at offset {at} has type {ftype}, critical "
@@ -407,6 +419,18 @@ class _Checker:
         self.result.frames = seq
         self.add("encrypted.unchecked", "the file is encrypted: its manifest, records and contents were "
                  "not checked (give the passphrase to check them)", None, INFO)
+
+    def stream_xxh3(self, offset: int, length: int) -> int | None:
+        """XXH3-64 of a byte range read in pieces (memory stays flat); None when the file ends first."""
+        digest = xxhash.xxh3_64()
+        while length:
+            piece = self.pread(min(length, CHUNK), offset)
+            if not piece:
+                return None
+            digest.update(piece)
+            offset += len(piece)
+            length -= len(piece)
+        return digest.intdigest()
 
     def unsealed_manifest(self) -> Manifest | None:
         """With the passphrase: the manifest as the reader decrypts it."""
@@ -495,7 +519,7 @@ def check(path: str | os.PathLike[str], *, deep: bool = False, passphrase: str |
                 if not checker.key_frame(moff):
                     raise _Stop()
                 if passphrase is None:
-                    checker.sealed_chain(moff, mlen, nframes)
+                    checker.sealed_chain(moff, mlen, nframes, deep)
                     raise _Stop()
                 m = checker.unsealed_manifest()
             else:

@@ -205,6 +205,8 @@ class BkpWriter:
             self.fh.close()
         except OSError as exc:  # a full disk often shows only here (delayed allocation, NFS)
             raise self._fail(exc) from exc
+        if self.final.exists() and not self.final.is_file():  # never rename over a device or a pipe
+            raise TargetError(f"{self.final} exists and is not a regular file; it is never replaced")
         os.replace(self.tmp, self.final)
         self.closed = True  # only now: if the rename fails, abort() must still remove the temporary file
         fsync_dir(self.final.parent)

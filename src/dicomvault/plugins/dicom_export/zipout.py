@@ -46,6 +46,9 @@ class ZipTarget(_Base):
     def __init__(self, path: str, options: Options, *, level: int = 1) -> None:
         super().__init__(options)
         final = Path(path).expanduser().absolute()
+        if final.exists() and not final.is_file():
+            # overwrite renames over the name: never a folder, a device, a pipe or a socket
+            raise UsageError(f"{path} exists and is not a regular file; it is never replaced")
         if final.exists():
             if options.on_existing == "overwrite":
                 pass

@@ -53,6 +53,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                             help="how deep to show (default: series)")
         sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print the result as JSON on stdout")
+        sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress display")
+        sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="more log output on stderr")
         add_passphrase_options(sp)
 
 
@@ -180,14 +184,18 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace, deep: bool) -> int:
     try:
-        # validate checks what it can without the key; verify needs it (asked in a terminal)
-        result: Result = check(args.file, deep=deep, passphrase=_passphrase(args, ask=deep))
+        # Without --passphrase-env/--passphrase-file an encrypted file gets every check that
+        # needs no key (frame chain, every frame checksum with verify); with it, everything.
+        result: Result = check(args.file, deep=deep, passphrase=_passphrase(args, ask=False))
     except OSError as exc:
         raise UsageError(f"cannot open {args.file}: {exc.strerror}") from exc
     text = [f"{f.severity.upper():7} {f.code:26} {f.message}" for f in result.findings]
     verdict = "valid" if result.valid else "INVALID"
     what = (f"{result.instances} instances, {result.attachments} attachments, {result.frames} frames"
             + (f", {result.bytes_verified:,} bytes hashed" if deep else ""))
+    if any(f.code == "encrypted.unchecked" for f in result.findings):
+        what = (f"encrypted, {result.frames} data frames: frame chain and checksums checked, contents not "
+                "(give the passphrase to check them)")
     text.append(f"{args.file}: {verdict} (format {result.version or '?'}; {what})")
     _emit(args, result, text)
     if result.valid:
@@ -206,8 +214,9 @@ def _salvage(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot salvage {args.file}: {exc.strerror or exc}") from exc
     text = [f"note: {n}" for n in result.notes]
     text += [f"lost: {line}" for line in result.lost]
+    into = args.output if result.output else "(no file: nothing to keep)"
     text.append(f"{result.instances_recovered} instances and {result.attachments_recovered} attachments "
-                f"recovered into {args.output} (by {result.method}; {result.frames_intact} frames intact, "
+                f"recovered into {into} (by {result.method}; {result.frames_intact} frames intact, "
                 f"{result.frames_damaged} damaged"
                 + (f"; {result.instances_lost} instances and {result.attachments_lost} attachments lost"
                    if result.method == "manifest" else "") + ")")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 
-from dicomvault.engine import Context, Item, Operation, Report, Selection, Source, hookimpl
+from dicomvault.engine import Context, Event, Item, Operation, Report, Selection, Source, hookimpl
 from dicomvault.engine.options import add_selection_options, selection_from
 from dicomvault.engine.passphrase import add_passphrase_options
 from dicomvault.engine.types import Outcome
@@ -86,6 +86,9 @@ def run(ctx: Context, args: argparse.Namespace) -> Report:
         mine.close()
         other.close()
     report.details["identical instances"] = report.count(Outcome.UNCHANGED, "instance")
+    for p in report.problems:  # named one per line on stderr, as the other commands do
+        ctx.emit(Event(kind="item", operation="compare", item=p.item, what=p.what,  # type: ignore[arg-type]
+                       outcome=p.outcome, reason=p.reason, size=0))
     return report
 
 
