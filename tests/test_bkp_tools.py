@@ -295,6 +295,16 @@ def test_tools_on_an_encrypted_file(cli, encrypted: Path, tmp_path: Path) -> Non
     damaged.write_bytes(bytes(data))
     res = cli("bkp", "verify", damaged, "--json", "--passphrase-env", "DV_PASS")
     assert res.code == 1 and "frame.checksum" in {f["code"] for f in res.json()["findings"]}
+    # without the passphrase verify still checks every frame checksum: intact file good, a flipped
+    # byte (checksum not resealed) found
+    sealed = cli("bkp", "verify", encrypted, "--json")
+    assert sealed.code == 0 and sealed.json()["bytes_verified"] > 0, sealed.out
+    flipped = bytearray(encrypted.read_bytes())
+    flipped[fe.offset + FRAME.size + 5] ^= 1
+    raw_damage = tmp_path / "raw-damage.bkp"
+    raw_damage.write_bytes(bytes(flipped))
+    res = cli("bkp", "verify", raw_damage, "--json")
+    assert res.code == 1 and "frame.checksum" in {f["code"] for f in res.json()["findings"]}
     out = tmp_path / "rescued.bkp"
     res = cli("bkp", "salvage", damaged, out, "--json", "--passphrase-env", "DV_PASS")
     assert res.code == 1 and res.json()["instances_recovered"] > 0
