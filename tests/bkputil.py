@@ -11,12 +11,14 @@ from dicomvault.formats.bkp.reader import BkpReader
 from dicomvault.formats.bkp.writer import BkpWriter
 
 
-def repack(src, dst, *, frame_size: int = 64 << 10):  # type: ignore[no-untyped-def]
-    """Copy ``src`` to ``dst`` with data frames of ``frame_size`` bytes."""
+def repack(src, dst, *, frame_size: int = 64 << 10, passphrase=None, kdf_log2_n=17):  # type: ignore[no-untyped-def]
+    """Copy ``src`` to ``dst`` with data frames of ``frame_size`` bytes
+    (encrypted with ``passphrase`` when given)."""
     reader = BkpReader(src)
     try:
         m = reader.manifest
-        writer = BkpWriter(dst, writer="dicomvault tests (repack)", frame_size=frame_size)
+        writer = BkpWriter(dst, writer="dicomvault tests (repack)", frame_size=frame_size,
+                           passphrase=passphrase, kdf_log2_n=kdf_log2_n)
         instances, attachments = [], []
         for e in sorted(m.instances, key=lambda e: e.blob.offset):
             with reader.open_blob(e.blob) as fh:

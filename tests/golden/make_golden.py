@@ -92,9 +92,12 @@ def cli(db: Path, *args: str | os.PathLike[str]) -> str:
     return res.stdout
 
 
-def expected(path: Path) -> dict:
+GOLDEN_PASSPHRASE = "golden passphrase: not a secret"  # the encrypted golden file's
+
+
+def expected(path: Path, passphrase: str | None = None) -> dict:
     """What a reader must find in ``path``: everything but positions and times."""
-    reader = BkpReader(path)
+    reader = BkpReader(path, passphrase=passphrase)
     try:
         m = reader.manifest
         out = {
@@ -106,6 +109,10 @@ def expected(path: Path) -> dict:
             "attributes": msgspec.to_builtins(m.attributes),
             "attachments": [msgspec.to_builtins(e.record) for e in m.attachments],
         }
+        if isinstance(m.volume, msgspec.Struct):
+            out["volume"] = {"index": m.volume.index, "last": m.volume.last}
+        if passphrase is not None:
+            out["passphrase"] = passphrase
         for e in [*m.instances, *m.attachments]:
             with reader.open_blob(e.blob) as fh:
                 assert hashlib.sha256(fh.read()).hexdigest() == e.record.sha256
@@ -114,10 +121,34 @@ def expected(path: Path) -> dict:
     return out
 
 
-def write_expected(path: Path) -> None:
+def write_expected(path: Path, passphrase: str | None = None) -> None:
     target = path.with_suffix(".expected.json")
-    target.write_text(json.dumps(expected(path), indent=1, ensure_ascii=False, sort_keys=True) + "\n",
-                      encoding="utf-8")
+    target.write_text(json.dumps(expected(path, passphrase), indent=1, ensure_ascii=False, sort_keys=True)
+                      + "\n", encoding="utf-8")
+
+
+def make_encrypted(basic: Path, work: Path) -> Path:
+    """``basic`` encrypted (AES-256-GCM, scrypt N=2^14 to keep the tests quick), 4 KiB frames."""
+    out = work / "encrypted.bkp"
+    repack(basic, out, frame_size=4096, passphrase=GOLDEN_PASSPHRASE, kdf_log2_n=14)
+    return out
+
+
+def make_volumes(basic: Path, work: Path) -> list[Path]:
+    """``basic`` restored and exported again as a volume set of 8 KB volumes."""
+    db = work / "voldb"
+    cli(db, "import-db", basic)
+    folder = work / "vols"
+    folder.mkdir()
+    # The command line refuses volumes under 64 KiB; the golden set is kept tiny on purpose.
+    from dicomvault.cli.main import main as dicomvault_main
+    from dicomvault.formats.bkp import volumes
+
+    volumes.MIN_VOLUME_SIZE = 1024
+    os.environ["DICOMVAULT_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    assert dicomvault_main(["--db", str(db), "-q", "export-db", str(folder / "set.bkp"), "--whole",
+                            "--volume-size", "8K"]) == 0
+    return sorted(folder.glob("set.*.bkp"))
 
 
 def make_basic(work: Path) -> Path:
@@ -256,6 +287,16 @@ def main() -> None:
         if not newer.exists():
             os.replace(make_newer_minor(basic, work), newer)
             write_expected(newer)
+        encrypted = V1 / "encrypted.bkp"
+        if not encrypted.exists():
+            os.replace(make_encrypted(basic, work), encrypted)
+            write_expected(encrypted, GOLDEN_PASSPHRASE)
+        vols = V1 / "volumes"
+        if not vols.exists():
+            vols.mkdir()
+            for vol in make_volumes(basic, work):
+                os.replace(vol, vols / vol.name)
+                write_expected(vols / vol.name)
         make_negatives(basic)
     sums = V1 / "SHA256SUMS"  # append-only: a test fails when a released golden file changes
     known = sums.read_text().splitlines() if sums.exists() else []
