@@ -78,3 +78,10 @@ def test_special_files_are_never_replaced(cli, one_ct: Path, tmp_path: Path) -> 
     res = cli("--db", one_ct, "export-db", fifo, "--whole", "--force")
     assert res.code == 64 and "not a regular file" in res.err
     assert fifo.is_fifo()
+
+
+def test_a_layout_that_climbs_is_refused(cli, one_ct: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    res = cli("--db", one_ct, "export-dicom", tmp_path / "out", "--whole",
+              "--layout", "../{SOPInstanceUID}.dcm")
+    assert res.code == 64 and "'..'" in res.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db"]

@@ -104,6 +104,9 @@ class Layout:
         parts = [p for p in template.replace("\\", "/").split("/")]
         if not template.strip() or any(not p.strip() for p in parts):
             raise UsageError(f"layout '{template}': empty component")
+        if any(p.strip() in (".", "..") for p in parts):
+            raise UsageError(f"layout '{template}': '.' and '..' are not components (everything is written "
+                             "inside OUTDIR)")
         if dicom_file_ids and len(parts) > 8:
             raise UsageError("a DICOMDIR File ID has at most 8 components; the layout has "
                              f"{len(parts)}")
