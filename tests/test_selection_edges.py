@@ -4,6 +4,7 @@ files as outputs."""
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,8 @@ def test_attributes_of_a_patient_whose_images_moved_away(cli, one_ct: Path, tmp_
 
 def test_salvage_with_nothing_to_keep_writes_nothing(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     junk = tmp_path / "junk.bkp"
-    junk.write_bytes(b"\x89DVBKP\r\n" + os.urandom(5000))
+    # a header start (version 1.0, no flags), then bytes that hold no frame
+    junk.write_bytes(b"\x89DVBKP\r\n" + b"\x01\x00\x00\x00" + bytes(4) + random.Random(1).randbytes(5000))
     out = tmp_path / "out.bkp"
     res = cli("bkp", "salvage", junk, out)
     assert res.code == 2
