@@ -268,7 +268,7 @@ def test_compressed_to_uncompressed_only_server_arrives_with_identical_pixels(  
         res = cli("cstore", "--json", "--to", f"TESTSCP@127.0.0.1:{scp.port}", "--whole")
     report = res.json()
     assert res.code == 0, res.out
-    assert report["counts"]["instance"] == {"stored": len(COMPRESSED)}
+    assert report["counts"]["instance"] == {"converted": len(COMPRESSED)}
     assert report["details"]["converted"] == len(COMPRESSED)
     for uid, (path, _ts, _cls) in stored.items():
         got = scp.received[uid]
@@ -276,6 +276,26 @@ def test_compressed_to_uncompressed_only_server_arrives_with_identical_pixels(  
         orig = pydicom.dcmread(path)
         assert np.array_equal(orig.pixel_array, got.pixel_array), uid
         assert got.SOPInstanceUID == orig.SOPInstanceUID
+
+
+def test_move_never_deletes_what_arrived_converted(cli, db, pydicom_files, tmp_path):  # type: ignore[no-untyped-def]
+    """A server that takes only uncompressed data gets decompressed copies: the values are the
+    same, the bytes are not, so move keeps the originals and lists them."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in [*COMPRESSED, "CT_small.dcm"]:
+        (folder / name).write_bytes((pydicom_files / name).read_bytes())
+    _import(cli, folder)
+    before = stored_files(db)
+    plain = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+    with pynetdicom_scp(syntaxes=plain) as scp:
+        res = cli("move", "--json", "--to", f"dicom://TESTSCP@127.0.0.1:{scp.port}", "--whole")
+    report = res.json()
+    assert report["counts"]["instance"] == {"converted": len(COMPRESSED), "stored": 1}, res.out
+    after = stored_files(db)
+    assert len(after) == len(COMPRESSED)  # only the one sent byte for byte left the source
+    assert set(report["details"]["left in source"]) == set(after) and set(after) < set(before)
+    assert res.code == 1  # partly done: something stayed behind
 
 
 def test_compressed_sent_as_is_when_accepted(cli, db, pydicom_files, tmp_path):  # type: ignore[no-untyped-def]

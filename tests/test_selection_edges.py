@@ -87,3 +87,18 @@ def test_a_layout_that_climbs_is_refused(cli, one_ct: Path, tmp_path: Path) -> N
               "--layout", "../{SOPInstanceUID}.dcm")
     assert res.code == 64 and "'..'" in res.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["db"]
+
+
+def test_move_to_dicom_media_keeps_what_had_to_be_converted(  # type: ignore[no-untyped-def]
+        cli, tmp_path: Path, pydicom_files: Path) -> None:
+    db = tmp_path / "db"
+    for name in ("CT_small.dcm", "MR_small_implicit.dcm"):  # explicit LE: copied; implicit: converted
+        assert cli("--db", db, "-q", "import-dicom", pydicom_files / name).code == 0
+    media = f"dicom-folder:{tmp_path / 'media'}?dicomdir=1"
+    res = cli("--db", db, "--json", "move", "--to", media, "--whole")
+    report = res.json()
+    assert report["counts"]["instance"] == {"converted": 1, "stored": 1}, res.out
+    assert res.code == 1
+    left = cli("--db", db, "--json", "ls", "--level", "instance").json()
+    uids = [i["uid"] for p in left for st in p["children"] for se in st["children"] for i in se["children"]]
+    assert uids == report["details"]["left in source"] and len(uids) == 1

@@ -193,6 +193,10 @@ class Outcome(enum.Enum):
     # Kept by a DICOM server that answered with a warning status (coercion, elements discarded...):
     # not a problem, but not "stored" either, so nothing that deletes after a verified copy counts it.
     STORED_WITH_WARNING = "stored-with-warning"
+    # Stored after a lossless conversion (another transfer syntax: decompressed for a server, Explicit
+    # VR Little Endian for DICOM media): the values are the same, the bytes are not, so nothing that
+    # deletes after a verified copy (move) counts it.
+    CONVERTED = "converted"
 
     @property
     def is_problem(self) -> bool:
@@ -239,7 +243,7 @@ class Report(msgspec.Struct, kw_only=True):
     def add(self, what: str, outcome: Outcome, item: str = "", reason: str = "", size: int = 0) -> None:
         per = self.counts.setdefault(what, {})
         per[outcome.value] = per.get(outcome.value, 0) + 1
-        if outcome in (Outcome.STORED, Outcome.OVERWRITTEN, Outcome.STORED_WITH_WARNING):
+        if outcome in (Outcome.STORED, Outcome.OVERWRITTEN, Outcome.STORED_WITH_WARNING, Outcome.CONVERTED):
             self.bytes += size
         if outcome is Outcome.STORED_WITH_WARNING:
             self.warnings.append(f"{what} {item}: {reason or 'stored with a warning'}")
@@ -253,7 +257,7 @@ class Report(msgspec.Struct, kw_only=True):
     @property
     def done(self) -> int:
         good = (Outcome.STORED, Outcome.UNCHANGED, Outcome.OVERWRITTEN,
-                Outcome.WOULD_STORE, Outcome.WOULD_OVERWRITE, Outcome.STORED_WITH_WARNING)
+                Outcome.WOULD_STORE, Outcome.WOULD_OVERWRITE, Outcome.STORED_WITH_WARNING, Outcome.CONVERTED)
         return sum(self.count(o) for o in good)
 
     @property

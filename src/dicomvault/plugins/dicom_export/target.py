@@ -88,6 +88,14 @@ def header_loader(path: Path) -> Callable[[], Dataset]:
     return load
 
 
+def converted(converted_from: str) -> tuple[Outcome, str] | None:
+    """The outcome of a file written in another transfer syntax than stored: its bytes differ from
+    the source's, so ``move`` must not take it for a verified copy."""
+    if not converted_from:
+        return None
+    return Outcome.CONVERTED, f"written as Explicit VR Little Endian (stored as {converted_from})"
+
+
 class ExportError(DicomvaultError):
     """One instance could not be exported (named by UID); the batch goes on."""
 
@@ -310,7 +318,7 @@ class FolderTarget(_Base):
                     self._record(item, rel, prepared.sha256, prepared.size,
                                  getattr(prepared, "source_sha", prepared.sha256), header_loader(dest),
                                  prepared.converted_from)
-                    return Outcome.UNCHANGED, ""
+                    return converted(prepared.converted_from) or (Outcome.UNCHANGED, "")
                 if mode == "overwrite":
                     outcome = Outcome.OVERWRITTEN
                 elif mode == "rename":
@@ -325,7 +333,7 @@ class FolderTarget(_Base):
             self._record(item, rel, prepared.sha256, prepared.size,
                          getattr(prepared, "source_sha", prepared.sha256), header_loader(dest),
                          prepared.converted_from)
-            return outcome, ""
+            return converted(prepared.converted_from) or (outcome, "")
         finally:
             if not placed:
                 prepared.path.unlink(missing_ok=True)

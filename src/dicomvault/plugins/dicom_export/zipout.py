@@ -24,6 +24,7 @@ from .target import (
     Options,
     _Base,
     _verify,
+    converted,
     copy_hashed,
     item_error,
     media_uid_problem,
@@ -120,7 +121,7 @@ class ZipTarget(_Base):
 
             self._record(item, rel, sha, size, source_sha, load, converted_from)
             spool.close()
-        return Outcome.STORED, ""
+        return converted(converted_from) or (Outcome.STORED, "")
 
     def finish(self, ok: bool) -> None:
         try:

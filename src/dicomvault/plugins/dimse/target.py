@@ -210,8 +210,8 @@ class DicomTarget:
             return Outcome.FAILED, str(exc)
         verdict = status.verdict(code)
         if verdict == "success":
-            if note:
-                log.info("instance %s: %s", rec.sop_uid, note)
+            if note:  # the server holds other bytes than ours: never counted as a verified copy
+                return Outcome.CONVERTED, note
             return Outcome.STORED, ""
         text = status.describe(code, comment)
         if note:

@@ -35,6 +35,7 @@ from dicomvault.engine import (
 )
 from dicomvault.engine.options import add_policy_option, add_selection_options, policy_from, selection_from
 from dicomvault.engine.passphrase import add_passphrase_options
+from dicomvault.engine.types import Problem
 
 CONFIRMED = (Outcome.STORED, Outcome.UNCHANGED, Outcome.OVERWRITTEN)
 
@@ -89,12 +90,23 @@ def _move_run(ctx: Context, args: argparse.Namespace) -> Report:
         confirmed: list[Item] = []
         left: list[str] = []
 
+        unverifiable: list[tuple[str, Outcome]] = []  # kept by the target, but not as our bytes
+
         def seen(item: Item, outcome: Outcome) -> None:
-            (confirmed.append(item) if outcome in CONFIRMED else left.append(item.instance.sop_uid))
+            if outcome in CONFIRMED:
+                confirmed.append(item)
+                return
+            left.append(item.instance.sop_uid)
+            if not outcome.is_problem:
+                unverifiable.append((item.instance.sop_uid, outcome))
 
         # transfer() returns only after target.finish(True): every confirmed copy is durable now.
         report = transfer(ctx, source, target, selection, policy=policy_from(args), operation="move",
                           on_instance=seen)
+        for uid, outcome in unverifiable:  # named, and the job is "partly done" (exit code 1)
+            report.problems.append(Problem(uid, "source", "left", (
+                f"the target answered '{outcome.value}': its copy is not byte for byte ours, so the "
+                "original stays in the source")))
         moved = _delete_confirmed(source, confirmed, report, left)
     finally:
         source.close()
