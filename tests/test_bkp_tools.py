@@ -312,3 +312,27 @@ def test_tools_on_an_encrypted_file(cli, encrypted: Path, tmp_path: Path) -> Non
     assert rescued.encrypted
     rescued.close()
     assert b"GOLD-001" not in out.read_bytes()
+
+
+def test_salvage_by_scanning_names_a_deflated_file_whose_end_is_unknown(  # type: ignore[no-untyped-def]
+        cli, tmp_path: Path, pydicom_files: Path) -> None:
+    """A deflated data set has no element lengths to walk, and bytes may follow its deflate
+    stream: without the manifest its end cannot be told from the attachment that follows it
+    in the payload. Salvage keeps it whole and names it as one to check."""
+    db = tmp_path / "db"
+    assert cli("--db", db, "-q", "import-dicom", pydicom_files / "image_dfl.dcm").code == 0
+    study = cli("--db", db, "--json", "ls", "--level", "study").json()[0]["children"][0]["uid"]
+    extra = tmp_path / "notes.bin"
+    extra.write_bytes(bytes(range(256)) * 400)
+    assert cli("--db", db, "-q", "attach", "--study", study, extra).code == 0
+    whole = tmp_path / "whole.bkp"
+    assert cli("--db", db, "-q", "export-db", whole, "--whole").code == 0
+    cut = tmp_path / "cut.bkp"
+    cut.write_bytes(whole.read_bytes()[:-100])  # the footer is gone: salvage must scan
+    out = tmp_path / "out.bkp"
+    res = cli("bkp", "salvage", cut, out, "--json")
+    report = res.json()
+    assert report["method"] == "scan" and not report["verified"]
+    (uid,) = _records(whole)
+    assert set(_records(out)) == {uid}
+    assert any(uid in note and "check it" in note for note in report["notes"])

@@ -360,8 +360,10 @@ def _data_set_end(path: Path) -> int | None:
     elements are walked (values skipped) until the file ends, a tag does not
     follow its predecessor in ascending order, or an element cannot be
     parsed; whatever follows was glued on by the scan (the next file without
-    a preamble, an attachment). ``None`` when the file cannot be walked
-    (deflated data sets): it is then taken whole."""
+    a preamble, an attachment). ``None`` when the file cannot be walked: it
+    is then taken whole. Deflated data sets are taken whole too: where their
+    deflate stream ends is known, but writers may put bytes after it (pydicom's
+    own test file has 8), so the true end cannot be told from what follows."""
     with open(path, "rb") as fh, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -406,6 +408,10 @@ def _keep(cand: _Candidate, out: _Out, result: SalvageResult) -> None:
             blob = out.writer.add_blob(fh, digest.update)
         rec = msgspec.structs.replace(rec, sha256=digest.hexdigest(), size=blob.length,
                                       origin="salvage")
+        if end is None:
+            result.notes.append(f"instance {rec.sop_uid}: where it ends cannot be told without the "
+                                "manifest (deflated or unreadable structure); it was kept with everything up "
+                                "to the next file, which may include other bytes: check it before relying on it")
         out.instances[rec.sop_uid] = InstanceEntry(rec, blob)
         out.patients.setdefault(header.patient.key, header.patient)
         out.studies.setdefault(header.study.study_uid, header.study)

@@ -167,11 +167,16 @@ class EmbeddedDatabase:
         rec = AttachmentRecord(attachment_id=str(uuid.uuid4()), level=level, uid=uid, name=name,
                                media_type=media_type, size=staged.size, sha256=staged.sha256,
                                created_at=now_iso())
-        final, _ = self.store.publish(staged)
-        self.store.make_durable([final], {final.parent})
-        with Transaction(self.conn):
-            self.conn.execute(f"INSERT INTO attachments ({cat.ATTACHMENT_COLS}) VALUES (?,?,?,?,?,?,?,?)",
-                              _attachment_row(rec))
+        # Published and committed under the write lock, as every writer does: a file is never
+        # published while another writer checks whether it is still referenced, to remove it.
+        try:
+            with Transaction(self.conn):
+                final, _ = self.store.publish(staged)
+                self.store.make_durable([final], {final.parent})
+                self.conn.execute(f"INSERT INTO attachments ({cat.ATTACHMENT_COLS}) VALUES "
+                                  "(?,?,?,?,?,?,?,?)", _attachment_row(rec))
+        finally:
+            staged.discard()
         return rec
 
     def update_attributes(self, level: Level, uid: str, *, comment: str | None = None,
@@ -371,9 +376,13 @@ class EmbeddedTarget:
         self._pending = 0
         self._dirs.clear()
         self._new_files.clear()
-        for sha in self._drop_after_commit:
-            if not self._referenced(sha):
-                self.db.store.remove(sha)
+        if self._drop_after_commit:
+            # Replaced files go only if nothing refers to them, checked under the write lock:
+            # another writer may be publishing the same bytes right now.
+            with Transaction(self.conn):
+                for sha in self._drop_after_commit:
+                    if not self._referenced(sha):
+                        self.db.store.remove(sha)
         self._drop_after_commit.clear()
 
     def _rollback(self) -> None:
