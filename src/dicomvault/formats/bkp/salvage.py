@@ -410,8 +410,9 @@ def _keep(cand: _Candidate, out: _Out, result: SalvageResult) -> None:
                                       origin="salvage")
         if end is None:
             result.notes.append(f"instance {rec.sop_uid}: where it ends cannot be told without the "
-                                "manifest (deflated or unreadable structure); it was kept with everything up "
-                                "to the next file, which may include other bytes: check it before relying on it")
+                                "manifest (deflated or unreadable structure); it was kept with everything "
+                                "up to the next file, which may include other bytes: check it before "
+                                "relying on it")
         out.instances[rec.sop_uid] = InstanceEntry(rec, blob)
         out.patients.setdefault(header.patient.key, header.patient)
         out.studies.setdefault(header.study.study_uid, header.study)
