@@ -204,8 +204,14 @@ def _check(args: argparse.Namespace, deep: bool) -> int:
 
 
 def _salvage(args: argparse.Namespace) -> int:
-    if os.path.exists(args.output):
+    if os.path.lexists(args.output):
         raise UsageError(f"{args.output} exists; choose another name")
+    if not args.output.lower().endswith(".bkp"):
+        raise UsageError("the output file name must end in .bkp")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise UsageError(f"the folder {os.path.dirname(os.path.abspath(args.output))} does not exist")
+    if not os.path.isfile(args.file):
+        raise UsageError(f"{args.file} is not a file")
     try:
         from dicomvault.formats.bkp.salvage import salvage  # pydicom: only when salvaging
 
