@@ -44,7 +44,7 @@ from dicomvault.engine import InstanceRecord, PatientRecord, SeriesRecord, Study
 from dicomvault.formats.bkp.manifest import InstanceEntry, Manifest
 from dicomvault.formats.bkp.reader import BkpReader
 from dicomvault.formats.bkp.writer import BkpWriter
-from precompile import precompile
+from scriptutil import precompile
 
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 ROOT = "1.2.826.0.1.3680043.10.1234.77"

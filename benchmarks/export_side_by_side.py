@@ -36,12 +36,12 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from precompile import precompile
+from scriptutil import precompile, run
+from side_by_side import warm
 
 HERE = Path(__file__).resolve().parent
 TARGET = 1.0  # ours / peer, time
@@ -49,20 +49,6 @@ MIN_FILES = 10_000
 SYNTH_ARGS = ["--mix", "petct", "--pet-matrix", "128", "--ct-slices", "1", "--pet-slices", "150-250"]
 
 
-def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(argv, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
-    if res.returncode != 0:
-        sys.exit(f"{' '.join(map(str, argv))} failed ({res.returncode}):\n"
-                 f"{res.stdout[-2000:]}{res.stderr[-2000:]}")
-    return res  # type: ignore[no-any-return]
-
-
-def warm(folder: Path) -> None:
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                while fh.read(1 << 20):
-                    pass
 
 
 def count_files(folder: Path) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pydicom
 
-from precompile import precompile
+from scriptutil import precompile
 
 PER_SERIES, PER_STUDY = 200, 5
 

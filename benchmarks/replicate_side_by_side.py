@@ -34,7 +34,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from precompile import precompile  # noqa: E402
+from scriptutil import precompile  # noqa: E402
 from side_by_side import (  # noqa: E402  (the measuring helpers are shared)
     MB,
     Cache,

@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from precompile import precompile
+from scriptutil import precompile
 
 HERE = Path(__file__).resolve().parent
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")

@@ -192,11 +192,9 @@ class BkpTarget:
 
     def put_instance(self, item: Item, policy: ConflictPolicy) -> tuple[Outcome, str]:
         rec = item.instance
-        stored = self.lookup(rec.sop_uid)
-        if stored is not None and (not rec.sha256 or stored == rec.sha256):
-            return Outcome.UNCHANGED, ""
-        if stored is not None:
-            return Outcome.CONFLICT, "the selection holds two different instances with this UID"
+        seen = _seen_before(self.lookup(rec.sop_uid), rec.sha256)
+        if seen is not None:
+            return seen
         blob, sha_or_reason, size = self._write(item.open, rec.sha256, f"instance {rec.sop_uid}")
         if blob is None:
             return Outcome.FAILED, sha_or_reason
@@ -338,11 +336,9 @@ class BkpVolumesTarget:
 
     def put_instance(self, item: Item, policy: ConflictPolicy) -> tuple[Outcome, str]:
         rec = item.instance
-        stored = self.lookup(rec.sop_uid)
-        if stored is not None and (not rec.sha256 or stored == rec.sha256):
-            return Outcome.UNCHANGED, ""
-        if stored is not None:
-            return Outcome.CONFLICT, "the selection holds two different instances with this UID"
+        seen = _seen_before(self.lookup(rec.sop_uid), rec.sha256)
+        if seen is not None:
+            return seen
         records = (item.patient, item.study, item.series)
         attributes = self._attributes_of(item)
         vol, blob, sha_or_reason = self._write(item.open, rec.sha256, f"instance {rec.sop_uid}", rec.size,
@@ -393,6 +389,15 @@ class BkpVolumesTarget:
             self.set.abort()
             return
         self.files = self.set.finish()
+
+
+def _seen_before(stored: str | None, sha256: str) -> tuple[Outcome, str] | None:
+    """The outcome for a SOP Instance UID the file already holds (``stored``: its SHA-256)."""
+    if stored is None:
+        return None
+    if not sha256 or stored == sha256:
+        return Outcome.UNCHANGED, ""
+    return Outcome.CONFLICT, "the selection holds two different instances with this UID"
 
 
 ORPHAN = ("its {level} holds no instance in this backup, and a .bkp keeps attributes and attachments "

@@ -5,6 +5,7 @@ fixed-width 64-bit offsets and lengths everywhere.
 """
 from __future__ import annotations
 
+import os
 import struct
 from typing import NamedTuple
 
@@ -37,12 +38,6 @@ FRAME_KEY = 3  # key parameters of an encrypted file, right after the header (SP
 CODEC_NONE = 0
 CODEC_ZSTD = 1
 KNOWN_CODECS = (CODEC_NONE, CODEC_ZSTD)
-KNOWN_FRAME_TYPES = (FRAME_DATA, FRAME_MANIFEST)
-
-
-def known_frame_type(ftype: int) -> bool:
-    return ftype in KNOWN_FRAME_TYPES
-
 
 def is_critical_frame_type(ftype: int) -> bool:
     """Frame types 0-127 are critical: a sequential reader (verify, salvage)
@@ -78,6 +73,22 @@ def unpack_header(raw: bytes) -> tuple[int, int, bytes, int]:
     Use :func:`parse_header` to learn the feature flags (encryption) too."""
     h = parse_header(raw)
     return h.major, h.minor, h.file_id, h.created
+
+
+def header_flags(raw: bytes) -> int:
+    """The header's ``flags`` word, unchecked (0 when ``raw`` is not a header):
+    enough to learn whether a passphrase will be needed, before opening."""
+    if len(raw) < HEADER.size or raw[:8] != HEADER_MAGIC:
+        return 0
+    return int(HEADER.unpack(raw[:HEADER.size])[3])
+
+
+def file_is_encrypted(path: str | os.PathLike[str]) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return bool(header_flags(fh.read(HEADER.size)) & FLAG_ENCRYPTED)
+    except OSError:
+        return False  # opening it for real says why
 
 
 def parse_header(raw: bytes) -> Header:

@@ -175,31 +175,7 @@ class BkpReader:
             if codec == CODEC_NONE and len(payload) != raw + TAG_SIZE:
                 raise CorruptError(f"{what} stores {len(payload)} bytes for {raw} bytes of content")
             payload = self._cipher.open(ftype, codec, seq, raw, payload, what)
-        if codec != CODEC_ZSTD:
-            data = payload
-        else:
-            # Check the size the zstd frame announces before it allocates anything:
-            # a damaged or crafted length must give an error, not a MemoryError.
-            try:
-                announced = zstandard.frame_content_size(payload)
-            except zstandard.ZstdError as exc:
-                raise ChecksumError(f"{what} cannot be decompressed: {exc}") from exc
-            if announced != raw:
-                raise CorruptError(f"{what}: its zstd frame announces {announced} bytes, "
-                                   f"its header {raw}")
-            try:
-                # a decompressor per call: they are not thread-safe, and cheap to make
-                if not raw:
-                    data = b""
-                elif raw <= ONE_SHOT:
-                    data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw)
-                else:
-                    data = _inflate(payload, raw)
-            except zstandard.ZstdError as exc:
-                raise ChecksumError(f"{what} cannot be decompressed: {exc}") from exc
-        if len(data) != raw:
-            raise CorruptError(f"{what} has {len(data)} bytes, {raw} announced")
-        return data
+        return decompress(payload, codec, raw, what)
 
     def plan(self, blobs: Iterable[Blob]) -> None:
         """Announce the blobs about to be read, in order: the frames they need
@@ -312,6 +288,35 @@ def _pread(fd: int, n: int, offset: int) -> bytes:
     view.release()
     del buf[got:]
     return buf  # type: ignore[return-value]
+
+
+def decompress(payload: bytes, codec: int, raw: int, what: str) -> bytes:
+    """A frame's content from its (decrypted) payload, size-checked; raises the
+    format's errors. Used by the reader, ``bkp validate`` and ``bkp salvage``."""
+    if codec != CODEC_ZSTD:
+        data = payload
+    else:
+        # Check the size the zstd frame announces before it allocates anything:
+        # a damaged or crafted length must give an error, not a MemoryError.
+        try:
+            announced = zstandard.frame_content_size(payload)
+        except zstandard.ZstdError as exc:
+            raise ChecksumError(f"{what} cannot be decompressed: {exc}") from exc
+        if announced != raw:
+            raise CorruptError(f"{what}: its zstd frame announces {announced} bytes, its header {raw}")
+        try:
+            # a decompressor per call: they are not thread-safe, and cheap to make
+            if not raw:
+                data = b""
+            elif raw <= ONE_SHOT:
+                data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw)
+            else:
+                data = _inflate(payload, raw)
+        except zstandard.ZstdError as exc:
+            raise ChecksumError(f"{what} cannot be decompressed: {exc}") from exc
+    if len(data) != raw:
+        raise CorruptError(f"{what} has {len(data)} bytes, {raw} announced")
+    return data
 
 
 def _inflate(payload: bytes, raw: int) -> bytes:

@@ -34,7 +34,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
-import zstandard
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 from pydicom.uid import UID
 
@@ -51,8 +50,6 @@ from dicomvault.engine import (
 )
 
 from .layout import (
-    CODEC_ZSTD,
-    FLAG_ENCRYPTED,
     FRAME,
     FRAME_DATA,
     FRAME_MAGIC,
@@ -60,10 +57,12 @@ from .layout import (
     HEADER,
     HEADER_MAGIC,
     KNOWN_CODECS,
+    file_is_encrypted,
+    header_flags,
     xxh3,
 )
 from .manifest import AttachmentEntry, InstanceEntry, Manifest
-from .reader import ONE_SHOT, BkpReader, _inflate
+from .reader import BkpReader, decompress
 from .writer import BkpWriter
 
 MAX_FRAME_RAW = 1 << 30  # a frame announcing more is treated as damaged (writers use 4 MiB)
@@ -117,10 +116,7 @@ def salvage(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
     if src.resolve() == dst.resolve():
         raise ValueError("the output must be another file")
     result = SalvageResult(source=str(src), output=str(dst))
-    with open(src, "rb") as fh:
-        head = fh.read(HEADER.size)
-    encrypted = len(head) == HEADER.size and head[:8] == HEADER_MAGIC and \
-        bool(int.from_bytes(head[12:16], "little") & FLAG_ENCRYPTED)
+    encrypted = file_is_encrypted(src)
     if encrypted:
         BkpReader(src, passphrase=passphrase).close()  # a wrong or missing passphrase: say so first
     out = _Out(dst, passphrase if encrypted else None)
@@ -247,18 +243,10 @@ def _frames(mm: mmap.mmap, result: SalvageResult) -> Iterator[tuple[int, bytes] 
 
 
 def _decode(payload: bytes, codec: int, raw: int) -> bytes | None:
-    if codec != CODEC_ZSTD:
-        return payload if len(payload) == raw else None
     try:
-        if zstandard.frame_content_size(payload) != raw:
-            return None
-        if raw > ONE_SHOT:  # a crafted length must not size an allocation: piece by piece
-            data = _inflate(payload, raw)
-        else:
-            data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw) if raw else b""
-    except zstandard.ZstdError:
+        return decompress(payload, codec, raw, "frame")
+    except FormatError:
         return None
-    return data if len(data) == raw else None
 
 
 class _Candidate:
@@ -282,7 +270,7 @@ def _by_scan(src: Path, out: _Out, result: SalvageResult) -> None:
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             if mm[:8] != HEADER_MAGIC:
                 result.notes.append("the file does not start like a .bkp; scanning anyway")
-            elif int.from_bytes(mm[12:16], "little"):
+            elif header_flags(mm[:HEADER.size]):
                 raise UnsupportedFeatureError("this .bkp uses header flags (an encrypted file?) that "
                                               "salvage cannot scan without its manifest")
             cand: _Candidate | None = None

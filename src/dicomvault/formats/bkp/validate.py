@@ -21,7 +21,6 @@ from pathlib import Path
 
 import msgspec
 import xxhash
-import zstandard
 
 from dicomvault.engine import (
     ChecksumError,
@@ -34,7 +33,6 @@ from dicomvault.engine import (
 )
 
 from .layout import (
-    CODEC_ZSTD,
     FLAG_ENCRYPTED,
     FOOTER,
     FOOTER_MAGIC,
@@ -49,11 +47,10 @@ from .layout import (
     KNOWN_FLAGS,
     MAJOR,
     is_critical_frame_type,
-    known_frame_type,
     xxh3,
 )
 from .manifest import KNOWN_FEATURES, Manifest
-from .reader import MAX_MANIFEST, ONE_SHOT, BkpReader, _inflate
+from .reader import MAX_MANIFEST, BkpReader, decompress
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 CHUNK = 16 << 20
@@ -226,26 +223,37 @@ class _Checker:
         return m
 
     def decode(self, payload: bytes, codec: int, raw: int, what: str, at: int, code: str) -> bytes | None:
-        if codec != CODEC_ZSTD:
-            if len(payload) != raw:
-                self.add(code, f"{what} has {len(payload)} bytes, {raw} announced", at)
-                return None
-            return payload
         try:
-            announced = zstandard.frame_content_size(payload)
-        except zstandard.ZstdError as exc:
-            self.add(code, f"{what} cannot be decompressed: {exc}", at)
+            return decompress(payload, codec, raw, what)
+        except FormatError as exc:
+            self.add(code, str(exc), at)
             return None
-        if announced != raw:
-            self.add(code, f"{what}: its zstd frame announces {announced} bytes, its header {raw}", at)
-            return None
-        try:
-            if raw > ONE_SHOT:  # a crafted length must not size an allocation: piece by piece
-                return _inflate(payload, raw)
-            return zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw) if raw else b""
-        except zstandard.ZstdError as exc:
-            self.add(code, f"{what} cannot be decompressed: {exc}", at)
-            return None
+
+    def chain(self, moff: int) -> Iterator[tuple[int, tuple[int, int, int, int, int, int]]]:
+        """The frames from the first data frame to the manifest frame, as
+        (offset, header); frames of other types than data are reported here."""
+        at = self.data_start
+        while at < moff:
+            head = self.frame_header(at)
+            if head is None:
+                self.add("layout.chain", f"the frame chain breaks at offset {at}", at)
+                return
+            ftype = head[0]
+            if ftype == FRAME_MANIFEST:
+                self.add("layout.manifest", f"a second manifest frame at offset {at}", at)
+            elif ftype == FRAME_KEY:
+                self.add("layout.key-frame", f"a key frame at offset {at}: only offset 64 may hold one", at)
+            elif ftype != FRAME_DATA and is_critical_frame_type(ftype):
+                self.add("frame.critical-unknown", f"frame at offset {at} has type {ftype}, critical "
+                         "and unknown to this release", at)
+            elif ftype != FRAME_DATA:
+                self.add("frame.unknown", f"frame at offset {at} has type {ftype}, not critical "
+                         "(skipped)", at, INFO)
+            yield at, head
+            at += FRAME.size + head[3]
+        if at != moff:
+            self.add("layout.overlap", f"the last frame before the manifest ends at {at}, the "
+                     f"manifest starts at {moff}", moff)
 
     def walk(self, m: Manifest, moff: int, nframes: int) -> None:
         """Follow the frame headers from offset 64 to the manifest frame."""
@@ -259,44 +267,23 @@ class _Checker:
                          f"expected {expected}", fe.offset)
             expected += fe.raw
         seen: set[int] = set()
-        at, seq = self.data_start, 0
-        while at < moff:
-            head = self.frame_header(at)
-            if head is None:
-                self.add("layout.chain", f"the frame chain breaks at offset {at}", at)
-                break
-            ftype, codec, fseq, stored, raw, _check = head
-            if ftype == FRAME_DATA:
-                listed = index.get(at)
-                if listed is None:
-                    self.add("index.unlisted", f"data frame {fseq} at offset {at} is not in the index", at)
-                else:
-                    i = listed
-                    fe = m.frames[i]
-                    seen.add(i)
-                    if (fseq, stored, raw, codec) != (i, fe.stored, fe.raw, fe.codec) or fseq != seq:
-                        self.add("index.mismatch", f"data frame at offset {at} does not match index "
-                                 f"entry {i}", at)
-                if codec not in KNOWN_CODECS:
-                    self.add("frame.codec", f"frame at offset {at} uses codec {codec}, unknown to this "
-                             "release", at)
-                seq += 1
-            elif ftype == FRAME_MANIFEST:
-                self.add("layout.manifest", f"a second manifest frame at offset {at}", at)
-            elif ftype == FRAME_KEY:
-                self.add("layout.key-frame", f"a key frame at offset {at}: only offset 64 may hold one", at)
-            elif not known_frame_type(ftype):
-                if is_critical_frame_type(ftype):
-                    self.add("frame.critical-unknown", f"frame at offset {at} has type {ftype}, critical "
-                             "and unknown to this release", at)
-                else:
-                    self.add("frame.unknown", f"frame at offset {at} has type {ftype}, not critical "
-                             "(skipped)", at, INFO)
-            at += FRAME.size + stored
-        else:
-            if at != moff:
-                self.add("layout.overlap", f"the last frame before the manifest ends at {at}, the "
-                         f"manifest starts at {moff}", moff)
+        seq = 0
+        for at, (ftype, codec, fseq, stored, raw, _check) in self.chain(moff):
+            if ftype != FRAME_DATA:
+                continue
+            listed = index.get(at)
+            if listed is None:
+                self.add("index.unlisted", f"data frame {fseq} at offset {at} is not in the index", at)
+            else:
+                fe = m.frames[listed]
+                seen.add(listed)
+                if (fseq, stored, raw, codec) != (listed, fe.stored, fe.raw, fe.codec) or fseq != seq:
+                    self.add("index.mismatch", f"data frame at offset {at} does not match index "
+                             f"entry {listed}", at)
+            if codec not in KNOWN_CODECS:
+                self.add("frame.codec", f"frame at offset {at} uses codec {codec}, unknown to this "
+                         "release", at)
+            seq += 1
         for i, fe in enumerate(m.frames):
             if i not in seen and not (fe.offset < self.data_start or fe.offset >= moff):
                 self.add("index.unvisited", f"index entry {i} points at offset {fe.offset}, which is "
@@ -380,33 +367,22 @@ class _Checker:
     def sealed_chain(self, moff: int, mlen: int, nframes: int, deep: bool) -> None:
         """Without the passphrase: frame headers, the manifest's payload checksum
         and, with ``deep``, every data frame's payload checksum."""
-        at, seq = self.data_start, 0
-        while at < moff:
-            head = self.frame_header(at)
-            if head is None:
-                self.add("layout.chain", f"the frame chain breaks at offset {at}", at)
-                return
-            ftype, _codec, fseq, stored, _raw, _check = head
-            if ftype == FRAME_DATA:
-                if fseq != seq:
-                    self.add("index.mismatch", f"data frame at offset {at} has seq {fseq}, "
-                             f"expected {seq}", at)
-                if deep:
-                    got = self.stream_xxh3(at + FRAME.size, stored)
-                    if got is None:
-                        self.add("frame.truncated", f"frame {fseq} at offset {at} is incomplete", at)
-                    elif got != head[5]:
-                        self.add("frame.checksum", f"frame {fseq} at offset {at} is damaged (checksum "
-                                 "mismatch)", at)
-                    else:
-                        self.result.bytes_verified += stored
-                seq += 1
-            elif is_critical_frame_type(ftype) and not known_frame_type(ftype):
-                self.add("frame.critical-unknown", f"frame at offset {at} has type {ftype}, critical "
-                         "and unknown to this release", at)
-            at += FRAME.size + stored
-        if at != moff:
-            self.add("layout.overlap", f"the frames end at {at}, the manifest starts at {moff}", moff)
+        seq = 0
+        for at, (ftype, _codec, fseq, stored, _raw, check) in self.chain(moff):
+            if ftype != FRAME_DATA:
+                continue
+            if fseq != seq:
+                self.add("index.mismatch", f"data frame at offset {at} has seq {fseq}, expected {seq}", at)
+            if deep:
+                got = self.stream_xxh3(at + FRAME.size, stored)
+                if got is None:
+                    self.add("frame.truncated", f"frame {fseq} at offset {at} is incomplete", at)
+                elif got != check:
+                    self.add("frame.checksum", f"frame {fseq} at offset {at} is damaged (checksum "
+                             "mismatch)", at)
+                else:
+                    self.result.bytes_verified += stored
+            seq += 1
         if seq != nframes:
             self.add("index.count", f"the footer counts {nframes} data frames, the file holds {seq}")
         head = self.frame_header(moff)
@@ -414,7 +390,7 @@ class _Checker:
             ftype, _codec, _seq, stored, _raw, check = head
             if ftype != FRAME_MANIFEST or stored != mlen - FRAME.size:
                 self.add("manifest.frame", "the footer does not point at the manifest frame", moff)
-            elif xxh3(self.pread(stored, moff + FRAME.size)) != check:
+            elif self.stream_xxh3(moff + FRAME.size, stored) != check:
                 self.add("manifest.checksum", "the manifest frame is damaged (checksum mismatch)", moff)
         self.result.frames = seq
         self.add("encrypted.unchecked", "the file is encrypted: its manifest, records and contents were "

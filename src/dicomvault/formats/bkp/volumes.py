@@ -342,6 +342,9 @@ class VolumeSetWriter:
                 if clash:
                     raise VolumeSetError(f"{clash[0]} appeared while the backup was being written; "
                                          "nothing was kept")
+            special = [p for p in finals if p.exists() and not p.is_file()]
+            if special:  # never rename over a folder, a device or a pipe
+                raise TargetError(f"{special[0]} exists and is not a regular file; it is never replaced")
             for vol, final in zip(self.done, finals, strict=True):
                 os.replace(vol.path, final)
                 self.renamed.append(final)

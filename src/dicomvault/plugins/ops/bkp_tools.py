@@ -29,7 +29,7 @@ from dicomvault.engine import (
     hookimpl,
 )
 from dicomvault.engine.passphrase import PassphraseSource, add_passphrase_options
-from dicomvault.formats.bkp.layout import FLAG_ENCRYPTED, FRAME, HEADER, HEADER_MAGIC
+from dicomvault.formats.bkp.layout import FRAME, file_is_encrypted
 from dicomvault.formats.bkp.reader import BkpReader
 from dicomvault.formats.bkp.validate import Result, check
 
@@ -67,20 +67,10 @@ def _emit(args: argparse.Namespace, data: Any, text: list[str]) -> None:
         sys.stdout.write("".join(line + "\n" for line in text))
 
 
-def _encrypted(path: str) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(HEADER.size)
-    except OSError:
-        return False  # the reader says why
-    return len(head) == HEADER.size and head[:8] == HEADER_MAGIC and \
-        bool(int.from_bytes(head[12:16], "little") & FLAG_ENCRYPTED)
-
-
 def _passphrase(args: argparse.Namespace, *, ask: bool = True) -> str | None:
     """The passphrase when the file is encrypted (asked in a terminal when
     ``ask`` and no --passphrase-env/--passphrase-file was given)."""
-    if not _encrypted(args.file):
+    if not file_is_encrypted(args.file):
         return None
     return PassphraseSource.from_args(args).get(f"the encrypted backup {args.file}", ask=ask)
 
