@@ -176,3 +176,30 @@ def test_restoring_one_series_reads_only_its_frames(cli, multi_series: MultiSeri
     assert reads.total == HEADER.size + FOOTER.size + mlen + frame_bytes
     assert reads.frames_bytes_read == [frame_bytes]
     assert reads.total < size // 2
+
+
+def test_full_restore_reads_every_frame_once(cli, count_reads, tmp_path: Path) -> None:
+    """A whole restore with several workers and many frames: each frame is
+    read (and decoded) once, however the workers and the read-ahead race.
+    A cache that drops frames decoded ahead before their readers get there
+    makes them read again; this counts it."""
+    rng = random.Random(5)
+    path = tmp_path / "many-frames.bkp"
+    b = Builder(path, frame_size=64 << 10)
+    b.patients, b.studies, b.series = hierarchy(1, 2, 2)
+    n = 0
+    for se in b.series:
+        for i in range(150):
+            b.instance(uid(4, n, i), se.series_uid, rng.randbytes(rng.randrange(4_000, 40_000)), i + 1)
+        n += 1
+    b.finish()
+    size, _moff, mlen, frames = _layout(path)
+    assert len(frames) > 4 * 16  # far more frames than the reader caches
+
+    reads: Reads = count_reads(path)
+    res = cli("--db", tmp_path / "db", "import-db", path, "--json")
+    assert res.code == 0, res.err
+    assert res.json()["counts"]["instance"] == {"stored": 600}
+    payload_reads = sorted(off for off, n in reads.log if HEADER.size <= off < size - FOOTER.size - mlen
+                           and n != FRAME.size)
+    assert payload_reads == sorted(off + FRAME.size for off, _stored, _start, _raw in frames)

@@ -46,6 +46,12 @@ class Source(Protocol):
     ``attributes`` and ``attachments`` yield what belongs to the selected
     series and to the studies and patients that contain them.
 
+    Optional, for speed: items handed out one after another with the same
+    ``Item.batch`` key (any hashable value; None, the default, means none)
+    share something costly to make in the source, such as one decompressed
+    frame of a .bkp. The run loop then has a single worker prepare them, in
+    order, while other workers take other batches.
+
     Optional, for ``move``: ``delete(sop_uid, sha256) -> bool`` deletes one
     instance only if the bytes stored under that UID still have that
     SHA-256 (content that changed since it was copied is kept), and returns
@@ -91,7 +97,9 @@ class Target(Protocol):
     return a token or None), ``put_prepared(item, token, policy)`` (called
     in order, in the run loop's thread: decide and commit, same result as
     ``put_instance``) and ``discard(token)``. The run loop then prepares a
-    bounded window of items ahead in worker threads.
+    bounded window of items ahead in worker threads (a source's batches,
+    see ``Source``, each in one worker); a ``prepare_threads`` attribute,
+    when set, says how many (a sender with N connections wants N).
 
     Optional, for honest dry runs: ``plan_attributes(attrs, policy)`` and
     ``plan_attachment(record, policy)`` return what the matching ``put_*``

@@ -24,7 +24,11 @@ from .types import ConflictPolicy, Event, Item, Outcome, Rejected, Report, Selec
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 PREPARE_THREADS = 4
-PREPARE_WINDOW = 16
+# Items prepared ahead of the in-order commits. Wide, so that the workers go on while the commit
+# thread waits for the disk (a batch's durability); a prepared item is a staged file on disk plus
+# a small object, so memory does not grow with it.
+PREPARE_WINDOW = 256
+PREPARE_BATCH = 32  # at most this many items of one batch in one task
 
 
 def sha256_of(item: Item) -> str:
@@ -84,26 +88,53 @@ def _hand_over(items: Iterable[Item | Rejected], target: Target, policy: Conflic
     A target with ``prepare``/``put_prepared`` (see the Target contract) gets
     the heavy part done in worker threads, a bounded window ahead of the
     in-order commits: copying and hashing release the GIL, so this uses
-    every core while memory stays flat.
+    every core while memory stays flat. Consecutive items with the same
+    batch key (see the Source contract) are one task for one worker: they
+    share a decoded frame, so no two workers wait for the same frame while
+    different frames decode in parallel.
     """
     prepare = getattr(target, "prepare", None)
     if prepare is None or dry_run:
         for it in items:
             yield (it, None, "") if isinstance(it, Rejected) else (it, *_put(target, it, policy, dry_run))
         return
-    window: collections.deque[tuple[Item | Rejected, Future[object] | None]] = collections.deque()
-    pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="prepare")
+    # (item, its task, its place in the task's results); a task prepares one batch of items
+    window: collections.deque[tuple[Item | Rejected, Future[list[object]] | None, int]] = collections.deque()
+    threads = getattr(target, "prepare_threads", None) or PREPARE_THREADS
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="prepare")
+    group: list[Item] = []  # the batch being gathered, not submitted yet
+
+    def prepare_all(batch: list[Item]) -> list[object]:
+        """Tokens, or the per-item error, in order."""
+        out: list[object] = []
+        try:
+            for it in batch:
+                try:
+                    out.append(prepare(it, policy))
+                except (DicomvaultError, OSError) as exc:
+                    out.append(exc)
+        except BaseException:
+            for token in out:  # not handed to anyone: drop it before the error goes up
+                if not isinstance(token, BaseException):
+                    target.discard(token)  # type: ignore[attr-defined]
+            raise
+        return out
+
+    def submit() -> None:
+        if group:
+            future = pool.submit(prepare_all, list(group))
+            window.extend((it, future, i) for i, it in enumerate(group))
+            group.clear()
 
     def settle() -> tuple[Item | Rejected, Outcome | None, str]:
-        it, future = window.popleft()
+        it, future, i = window.popleft()
         if future is None or isinstance(it, Rejected):
             return it, None, ""
-        try:
-            prepared = future.result()
-        except TargetError:
-            raise
-        except (DicomvaultError, OSError) as exc:
-            return it, Outcome.FAILED, str(exc)
+        prepared = future.result()[i]
+        if isinstance(prepared, TargetError):
+            raise prepared
+        if isinstance(prepared, (DicomvaultError, OSError)):
+            return it, Outcome.FAILED, str(prepared)
         try:
             return (it, *target.put_prepared(it, prepared, policy))  # type: ignore[attr-defined]
         except TargetError:
@@ -113,19 +144,32 @@ def _hand_over(items: Iterable[Item | Rejected], target: Target, policy: Conflic
 
     try:
         for it in items:
-            window.append((it, None if isinstance(it, Rejected) else pool.submit(prepare, it, policy)))
-            if len(window) > PREPARE_WINDOW:
+            if isinstance(it, Rejected):
+                submit()
+                window.append((it, None, 0))
+            else:
+                if group and (it.batch is None or it.batch != group[-1].batch or len(group) >= PREPARE_BATCH):
+                    submit()
+                group.append(it)
+                if it.batch is None:
+                    submit()
+            while len(window) > PREPARE_WINDOW:
                 yield settle()
+        submit()
         while window:
             yield settle()
     finally:
-        # Stopped early (conflict under "fail", Ctrl-C): drop what was prepared.
-        for _it, future in window:
-            if future is not None and not future.cancel():
-                try:
-                    target.discard(future.result())  # type: ignore[attr-defined]
-                except Exception:
-                    pass
+        # Stopped early (conflict under "fail", Ctrl-C): drop what was prepared and not handed
+        # over (a task's first items may have been handed over already).
+        for _it, future, i in window:
+            if future is None or future.cancel():
+                continue
+            try:
+                prepared = future.result()[i]
+                if not isinstance(prepared, BaseException):
+                    target.discard(prepared)  # type: ignore[attr-defined]
+            except Exception:
+                pass
         pool.shutdown(wait=True)
 
 

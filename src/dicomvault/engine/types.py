@@ -101,6 +101,9 @@ class Item(msgspec.Struct, frozen=True):
     patient: PatientRecord
     open: Opener
     where: str = ""  # where the source found it, for messages (a file path); "" when the UID says enough
+    # Items handed out one after another with the same (non-None) batch key share costly state in
+    # the source (a .bkp: one compressed frame); the run loop has one worker prepare them in order.
+    batch: object = None
 
 
 class Rejected(msgspec.Struct, frozen=True):

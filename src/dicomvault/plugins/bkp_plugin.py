@@ -2,6 +2,7 @@
 Database). Addresses: a path ending in ``.bkp``, or ``bkp:PATH``."""
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -130,6 +131,7 @@ class BkpSource:
         # Volumes left behind, closed once the restore is well past them: a target may still
         # be reading the last few items of a volume in worker threads a while after they were
         # handed out (see Part.release).
+        starts = {id(part): [f.stream_offset for f in part.manifest.frames] for part in self.parts}
         behind: list[tuple[int, Part]] = []
         previous: Part | None = None
         for n, (part, entry) in enumerate(entries):
@@ -140,7 +142,8 @@ class BkpSource:
             previous = part
             h = self._hierarchy(entry.record.series_uid)
             assert h is not None
-            yield Item(entry.record, h[2], h[1], h[0], self._opener(part, entry.blob))
+            batch = (order[id(part)], bisect.bisect_right(starts[id(part)], entry.blob.offset))
+            yield Item(entry.record, h[2], h[1], h[0], self._opener(part, entry.blob), batch=batch)
 
     def attributes(self, selection: Selection) -> Iterator[Attributes]:
         owners = self._owners(selection)

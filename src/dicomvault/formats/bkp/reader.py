@@ -50,8 +50,8 @@ from .manifest import FEATURE_ENCRYPTION, KNOWN_FEATURES, Blob, Manifest, decode
 
 MAX_MANIFEST = 1 << 32  # refuse to allocate more than this from a length field
 ONE_SHOT = 64 << 20  # frames announcing up to this decompress into one buffer of the announced size
-CACHED_FRAMES = 8
-READ_AHEAD = 2  # planned frames decoded ahead of the reader, in the background
+CACHED_FRAMES = 16
+READ_AHEAD = 4  # planned frames decoded ahead of the reader, in the background
 
 
 class BkpOpenError(DicomvaultError):
@@ -69,7 +69,7 @@ class BkpReader:
             self.fh: BinaryIO = open(self.path, "rb")
         except OSError as exc:  # missing, unreadable, a directory: not a statement about the format
             raise BkpOpenError(f"cannot open {self.path}: {exc.strerror}") from exc
-        self._frames: dict[int, _Slot] = {}  # small cache, oldest first
+        self._frames: dict[int, _Slot] = {}  # small cache, least recently used first
         self._lock = threading.Lock()  # blobs are read from several threads at once
         self.bytes_read = 0
         self._plan: list[int] = []  # frames a caller will read, in order (see plan())
@@ -189,26 +189,65 @@ class BkpReader:
                 needed.update(range(self.frame_of(blob.offset), last + 1))
         self._plan = sorted(needed)
         if self._plan and self._ahead is None:
-            self._ahead = ThreadPoolExecutor(1, thread_name_prefix="bkp-read-ahead")
+            self._ahead = ThreadPoolExecutor(2, thread_name_prefix="bkp-read-ahead")
+
+    def _new_slot(self, index: int) -> _Slot:
+        """A slot for ``index`` in the cache, to be filled by its owner (call under the lock)."""
+        slot = self._frames[index] = _Slot()
+        if len(self._frames) > CACHED_FRAMES:
+            # Frames readers have used, least recently first; then frames decoded ahead that no
+            # reader asked for yet; never one still being decoded. Dropping a frame decoded ahead
+            # while readers still work on older ones would have it decoded again (a thrash).
+            ready = [(s.used, i) for i, s in self._frames.items() if s.ready.is_set()]
+            for _used, old in sorted(ready, key=lambda u: not u[0]):  # stable: LRU order kept
+                del self._frames[old]
+                if len(self._frames) <= CACHED_FRAMES:
+                    break
+        return slot
 
     def _read_ahead(self, index: int) -> None:
         if self._ahead is None:
             return
         at = bisect.bisect_right(self._plan, index)
         for nxt in self._plan[at:at + READ_AHEAD]:
+            # The slot is taken when the task is queued, not when it starts: a frame is queued
+            # once, and no worker sits waiting for a frame another worker decodes.
             with self._lock:
                 if nxt in self._frames:
                     continue
+                slot = self._new_slot(nxt)
             try:
-                self._ahead.submit(self._quiet_read, nxt)
+                self._ahead.submit(self._fill_quietly, slot, nxt)
             except RuntimeError:  # closed meanwhile
+                self._abandon(slot, nxt)
                 return
 
-    def _quiet_read(self, index: int) -> None:
+    def _fill_quietly(self, slot: _Slot, index: int) -> None:
         try:
-            self.read_frame(index, ahead=False)
+            self._fill(slot, index)
         except DicomvaultError:
             pass  # the reader that needs the frame gets the error itself
+
+    def _fill(self, slot: _Slot, index: int) -> bytes:
+        try:
+            slot.data = self._load_frame(index)
+        except BaseException as exc:
+            slot.error = exc
+            with self._lock:
+                if self._frames.get(index) is slot:
+                    del self._frames[index]
+            raise
+        finally:
+            slot.ready.set()
+        return slot.data
+
+    def _abandon(self, slot: _Slot, index: int) -> None:
+        """A queued frame that will not be decoded: whoever waits for it gets an error."""
+        slot.error = DicomvaultError(f"frame {index} was not read: the backup file was closed")
+        with self._lock:
+            if self._frames.get(index) is slot:
+                del self._frames[index]
+        slot.ready.set()
 
     def read_frame(self, index: int, *, ahead: bool = True) -> bytes:
         """The content of data frame ``index``, verified.
@@ -218,28 +257,20 @@ class BkpReader:
         different frames decompress in parallel (zstd releases the GIL).
         """
         with self._lock:
-            slot = self._frames.get(index)
+            slot = self._frames.pop(index, None)
             owner = slot is None
             if slot is None:
-                slot = self._frames[index] = _Slot()
-                while len(self._frames) > CACHED_FRAMES:
-                    self._frames.pop(next(iter(self._frames)))
+                slot = self._new_slot(index)
+            else:
+                self._frames[index] = slot  # now the most recently used
+            slot.used = True
         if ahead:
             self._read_ahead(index)
-        if not owner:
-            slot.ready.wait()
-            if slot.error is not None:
-                raise slot.error
-            return slot.data
-        try:
-            slot.data = self._load_frame(index)
-        except BaseException as exc:
-            slot.error = exc
-            with self._lock:
-                self._frames.pop(index, None)
-            raise
-        finally:
-            slot.ready.set()
+        if owner:
+            return self._fill(slot, index)
+        slot.ready.wait()
+        if slot.error is not None:
+            raise slot.error
         return slot.data
 
     def _load_frame(self, index: int) -> bytes:
@@ -268,6 +299,9 @@ class BkpReader:
         if self._ahead is not None:
             self._ahead.shutdown(wait=True, cancel_futures=True)
             self._ahead = None
+            for index, slot in list(self._frames.items()):
+                if not slot.ready.is_set():  # its task was cancelled
+                    self._abandon(slot, index)
         self.fh.close()
         self._frames.clear()
 
@@ -337,6 +371,7 @@ class _Slot:
         self.ready = threading.Event()
         self.data = b""
         self.error: BaseException | None = None
+        self.used = False  # asked for by a reader (not only decoded ahead)
 
 
 class _BlobStream(io.RawIOBase):
@@ -356,6 +391,7 @@ class _BlobStream(io.RawIOBase):
         data = self.reader.read_frame(index)
         start = self.pos - fe.stream_offset
         n = min(len(buffer), self.end - self.pos, fe.raw - start)
-        buffer[:n] = data[start:start + n]
+        with memoryview(data) as view:  # a slice of a memoryview: no copy of the frame's bytes
+            buffer[:n] = view[start:start + n]
         self.pos += n
         return n

@@ -226,6 +226,10 @@ class ParallelDicomTarget(DicomTarget):
     ``prepare``) and the outcomes are reported in order (``put_prepared``).
     Nothing can be taken back from a server, so ``discard`` has nothing to do."""
 
+    @property
+    def prepare_threads(self) -> int:
+        return len(self._all)  # one sending thread per association
+
     def prepare(self, item: Item, policy: ConflictPolicy) -> Any:
         return self.put_instance(item, policy)
 

@@ -354,6 +354,9 @@ class EmbeddedTarget:
         self._ids: dict[tuple[str, str], int] = {}
         self._local = threading.local()  # read connections for prepare() in worker threads
         self._readers: list[sqlite3.Connection] = []
+        # An empty catalog (a restore into a new database) needs no look-ups ahead of the copy:
+        # put_prepared still decides, under the write lock, whatever another process added since.
+        self._catalog_was_empty = self.conn.execute("SELECT 1 FROM instances LIMIT 1").fetchone() is None
 
     # ------------------------------------------------------------ batching
     def _begin(self) -> None:
@@ -486,7 +489,7 @@ class EmbeddedTarget:
         Returns None when the item need not be copied (already stored
         identically, or a conflict that the policy leaves alone)."""
         rec = item.instance
-        if rec.sha256:
+        if rec.sha256 and not self._catalog_was_empty:
             stored = self._lookup_threadsafe(rec.sop_uid)
             if stored is not None and (stored == rec.sha256 or policy is not ConflictPolicy.OVERWRITE):
                 return None
