@@ -8,6 +8,7 @@ checked against its checksum before use.
 from __future__ import annotations
 
 import bisect
+import collections
 import io
 import os
 import threading
@@ -50,8 +51,8 @@ from .manifest import FEATURE_ENCRYPTION, KNOWN_FEATURES, Blob, Manifest, decode
 
 MAX_MANIFEST = 1 << 32  # refuse to allocate more than this from a length field
 ONE_SHOT = 64 << 20  # frames announcing up to this decompress into one buffer of the announced size
-CACHED_FRAMES = 16
-READ_AHEAD = 4  # planned frames decoded ahead of the reader, in the background
+CACHED_FRAMES = 12
+READ_AHEAD = 3  # planned frames decoded ahead of the reader, in the background
 
 
 class BkpOpenError(DicomvaultError):
@@ -73,6 +74,7 @@ class BkpReader:
         self._lock = threading.Lock()  # blobs are read from several threads at once
         self.bytes_read = 0
         self._plan: list[int] = []  # frames a caller will read, in order (see plan())
+        self._wanted: collections.Counter[int] = collections.Counter()  # planned blobs yet to read each frame
         self._ahead: ThreadPoolExecutor | None = None
         self._cipher: FrameCipher | None = None
         try:
@@ -182,12 +184,14 @@ class BkpReader:
         are then decoded a little ahead, in a background thread (zstd
         releases the GIL), so readers rarely wait. Frames no planned blob
         needs are never read."""
-        needed: set[int] = set()
+        wanted: collections.Counter[int] = collections.Counter()
         for blob in blobs:
             if blob.length:
                 last = self.frame_of(blob.offset + blob.length - 1)
-                needed.update(range(self.frame_of(blob.offset), last + 1))
-        self._plan = sorted(needed)
+                wanted.update(range(self.frame_of(blob.offset), last + 1))
+        with self._lock:
+            self._wanted = wanted
+        self._plan = sorted(wanted)
         if self._plan and self._ahead is None:
             self._ahead = ThreadPoolExecutor(2, thread_name_prefix="bkp-read-ahead")
 
@@ -195,11 +199,13 @@ class BkpReader:
         """A slot for ``index`` in the cache, to be filled by its owner (call under the lock)."""
         slot = self._frames[index] = _Slot()
         if len(self._frames) > CACHED_FRAMES:
-            # Frames readers have used, least recently first; then frames decoded ahead that no
-            # reader asked for yet; never one still being decoded. Dropping a frame decoded ahead
-            # while readers still work on older ones would have it decoded again (a thrash).
-            ready = [(s.used, i) for i, s in self._frames.items() if s.ready.is_set()]
-            for _used, old in sorted(ready, key=lambda u: not u[0]):  # stable: LRU order kept
+            # First frames no planned blob still needs, then frames readers have used, then
+            # frames decoded ahead that no reader asked for yet, each least recently used first;
+            # never one still being decoded. Dropping a frame decoded ahead, or one a slower
+            # worker still needs, would have it decoded again (a thrash).
+            ready = [(self._wanted[i] > 0, not s.used, i) for i, s in self._frames.items()
+                     if s.ready.is_set()]
+            for *_order, old in sorted(ready, key=lambda r: r[:2]):  # stable: LRU order kept
                 del self._frames[old]
                 if len(self._frames) <= CACHED_FRAMES:
                     break
@@ -213,8 +219,8 @@ class BkpReader:
             # The slot is taken when the task is queued, not when it starts: a frame is queued
             # once, and no worker sits waiting for a frame another worker decodes.
             with self._lock:
-                if nxt in self._frames:
-                    continue
+                if nxt in self._frames or not self._wanted[nxt]:
+                    continue  # cached, or every planned blob is done with it (a slower reader's view)
                 slot = self._new_slot(nxt)
             try:
                 self._ahead.submit(self._fill_quietly, slot, nxt)
@@ -288,6 +294,12 @@ class BkpReader:
         if xxh3(payload) != check:
             raise ChecksumError(f"frame {index} at offset {fe.offset} is damaged (checksum mismatch)")
         return self._decode(payload, codec, raw, f"frame {index}", seq=index)
+
+    def done_with(self, index: int) -> None:
+        """A blob stream has read what it needs of frame ``index``."""
+        with self._lock:
+            if self._wanted[index] > 0:
+                self._wanted[index] -= 1
 
     def open_blob(self, blob: Blob) -> BinaryIO:
         return io.BufferedReader(_BlobStream(self, blob), buffer_size=1 << 20)  # type: ignore[arg-type]
@@ -379,9 +391,22 @@ class _BlobStream(io.RawIOBase):
 
     def __init__(self, reader: BkpReader, blob: Blob) -> None:
         self.reader, self.pos, self.end = reader, blob.offset, blob.offset + blob.length
+        # frames of the blob not yet done with (the reader keeps planned frames until then)
+        self._next = reader.frame_of(blob.offset)
+        self._last = reader.frame_of(self.end - 1) if blob.length else self._next - 1
 
     def readable(self) -> bool:
         return True
+
+    def _done_until(self, index: int) -> None:
+        while self._next <= min(index, self._last):
+            self.reader.done_with(self._next)
+            self._next += 1
+
+    def close(self) -> None:
+        if not self.closed:
+            self._done_until(self._last)  # stopped early: what was not read is not wanted either
+        super().close()
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         if self.pos >= self.end:
@@ -394,4 +419,6 @@ class _BlobStream(io.RawIOBase):
         with memoryview(data) as view:  # a slice of a memoryview: no copy of the frame's bytes
             buffer[:n] = view[start:start + n]
         self.pos += n
+        if start + n == fe.raw or self.pos == self.end:
+            self._done_until(index)
         return n
