@@ -99,3 +99,26 @@ def test_stopping_early_discards_what_was_prepared() -> None:
     assert target.put == [f"1.2.3.{n}" for n in range(10)]
     assert not target.tokens  # everything prepared was either put or discarded
     assert len(target.put) + len(target.discarded) == len(target.prepared)
+
+
+def test_read_ahead_touches_only_local_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Targets hint the kernel about the next items' files; an opener that is
+    not a local file (a download from a server) must never be called for it."""
+    from dicomvault.engine import FileOpener, read_ahead
+
+    calls: list[str] = []
+
+    def remote() -> io.BytesIO:
+        calls.append("opened")
+        return io.BytesIO(b"x")
+
+    read_ahead(remote)
+    assert calls == []
+
+    path = tmp_path / "one.dcm"
+    path.write_bytes(b"DICM" * 1000)
+    opener = FileOpener(path)
+    read_ahead(opener)  # a hint: nothing to see but that it does not fail
+    read_ahead(FileOpener(tmp_path / "missing.dcm"))  # the real read reports it, not the hint
+    with opener() as fh:
+        assert fh.read() == b"DICM" * 1000

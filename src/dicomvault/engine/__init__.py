@@ -33,6 +33,7 @@ from .types import (
     Attributes,
     ConflictPolicy,
     Event,
+    FileOpener,
     InstanceRecord,
     Item,
     Level,
@@ -45,16 +46,17 @@ from .types import (
     SeriesRecord,
     StudyRecord,
     patient_key,
+    read_ahead,
 )
 
 __all__ = [
     "EXIT_FAILED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "AttachmentRecord", "Attributes",
     "ChecksumError", "ConflictError", "ConflictPolicy", "Context", "CorruptError", "Database",
-    "DatabaseError", "DicomvaultError", "Event", "FormatError", "Hooks", "InstanceRecord", "Item",
-    "Kind", "Level", "NotABackupError", "Opener", "Operation", "Outcome", "PassphraseError",
+    "DatabaseError", "DicomvaultError", "Event", "FileOpener", "FormatError", "Hooks", "InstanceRecord",
+    "Item", "Kind", "Level", "NotABackupError", "Opener", "Operation", "Outcome", "PassphraseError",
     "PassphraseRequiredError", "PatientRecord", "PluginError", "Rejected", "Report", "Selection",
     "SeriesRecord", "Source", "StudyRecord", "Target", "TargetError", "TreeNode", "TruncatedError",
     "UnsupportedFeatureError", "UnsupportedVersionError", "UsageError", "VolumeSetError",
     "WrongPassphraseError", "default_database_url", "hookimpl", "make_plugin_manager", "patient_key",
-    "transfer",
+    "read_ahead", "transfer",
 ]

@@ -28,6 +28,7 @@ from dicomvault.engine import (
     TargetError,
     UsageError,
     hookimpl,
+    read_ahead,
 )
 from dicomvault.formats.bkp.manifest import AttachmentEntry, Blob, InstanceEntry, Manifest
 from dicomvault.formats.bkp.volumes import (
@@ -193,6 +194,15 @@ class BkpTarget:
                           "not written"), blob.length
         return blob, got, blob.length
 
+    def prepare(self, item: Item, policy: ConflictPolicy) -> None:
+        read_ahead(item.open)
+
+    def put_prepared(self, item: Item, token: None, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        return self.put_instance(item, policy)
+
+    def discard(self, token: None) -> None:
+        pass
+
     def put_instance(self, item: Item, policy: ConflictPolicy) -> tuple[Outcome, str]:
         rec = item.instance
         seen = _seen_before(self.lookup(rec.sop_uid), rec.sha256)
@@ -336,6 +346,15 @@ class BkpVolumesTarget:
         except OSError as exc:
             raise TargetError(f"cannot write the next volume of {self.description}: "
                               f"{exc.strerror or exc}; nothing was kept") from exc
+
+    def prepare(self, item: Item, policy: ConflictPolicy) -> None:
+        read_ahead(item.open)
+
+    def put_prepared(self, item: Item, token: None, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        return self.put_instance(item, policy)
+
+    def discard(self, token: None) -> None:
+        pass
 
     def put_instance(self, item: Item, policy: ConflictPolicy) -> tuple[Outcome, str]:
         rec = item.instance

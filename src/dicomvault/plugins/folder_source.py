@@ -19,6 +19,7 @@ import msgspec
 from dicomvault.engine import (
     AttachmentRecord,
     Attributes,
+    FileOpener,
     Item,
     Kind,
     Opener,
@@ -118,7 +119,7 @@ class FolderSource:
 
 
 def _opener(path: str) -> Opener:
-    return lambda: open(path, "rb")
+    return FileOpener(path)
 
 
 def _is_folder(url: str) -> bool:

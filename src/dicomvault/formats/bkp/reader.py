@@ -403,11 +403,6 @@ class _BlobStream(io.RawIOBase):
             self.reader.done_with(self._next)
             self._next += 1
 
-    def close(self) -> None:
-        if not self.closed:
-            self._done_until(self._last)  # stopped early: what was not read is not wanted either
-        super().close()
-
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         if self.pos >= self.end:
             return 0

@@ -99,13 +99,17 @@ class BkpWriter:
                                             xxh3(key_frame)))
             self.fh.write(key_frame)
             self.pos += 48 + len(key_frame)
-        self.buf = bytearray()
+        # The open frame: read into directly (no copy), handed to a worker when full, and
+        # reused once its frame is written (no allocation per frame either).
+        self.buf = bytearray(self.frame_size)
+        self.fill = 0
+        self.spare: list[bytearray] = []
         self.stream_pos = 0  # bytes appended to the payload stream so far
         self.cut_pos = 0  # payload stream offset where the open frame starts
         self.frames: list[FrameEntry] = []
         self.submitted = 0  # data frames handed to the pool: the next one's seq
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="bkp-zstd")
-        self.pending: collections.deque[tuple[Future[tuple[int, bytes | bytearray, int]], int, int]] = \
+        self.pending: collections.deque[tuple[Future[tuple[int, bytes | bytearray, int]], bytearray, int]] = \
             collections.deque()
         self.closed = False
         self.failed: TargetError | None = None  # once a write failed, every later call fails too
@@ -133,42 +137,55 @@ class BkpWriter:
         if self.failed is not None:
             raise self.failed
         start = self.stream_pos
-        while chunk := stream.read(READ_CHUNK):
-            if tap is not None:
-                tap(chunk)  # type: ignore[operator]
-            self._append(chunk)
+        readinto = getattr(stream, "readinto", None)
+        while True:
+            if self.fill == self.frame_size:
+                self._cut()
+            want = min(READ_CHUNK, self.frame_size - self.fill)
+            if readinto is not None:
+                with memoryview(self.buf) as whole:
+                    view = whole[self.fill:self.fill + want]
+                    n = readinto(view) or 0
+                    if n and tap is not None:
+                        tap(view[:n])  # type: ignore[operator]
+                    view.release()
+            else:
+                chunk = stream.read(want)
+                n = len(chunk)
+                self.buf[self.fill:self.fill + n] = chunk
+                if n and tap is not None:
+                    tap(chunk)  # type: ignore[operator]
+            if not n:
+                break
+            self.fill += n
+            self.stream_pos += n
         return Blob(start, self.stream_pos - start)
 
-    def _append(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            room = self.frame_size - len(self.buf)
-            self.buf += view[:room]
-            taken = min(room, len(view))
-            self.stream_pos += taken
-            view = view[taken:]
-            if len(self.buf) >= self.frame_size:
-                self._cut()
-
     def _cut(self) -> None:
-        if not self.buf:
+        if not self.fill:
             return
-        raw, self.buf = self.buf, bytearray()
+        if self.fill == self.frame_size:
+            raw, self.buf = self.buf, (self.spare.pop() if self.spare else bytearray(self.frame_size))
+        else:  # a last, partial frame (end of the file, or of a volume)
+            raw = self.buf[:self.fill]
+        self.fill = 0
         future = self.pool.submit(_compress, raw, self.level, self.cipher, FRAME_DATA, self.submitted)
         self.submitted += 1
-        self.pending.append((future, len(raw), self.cut_pos))
+        self.pending.append((future, raw, self.cut_pos))
         self.cut_pos += len(raw)
         while len(self.pending) > 2 * self.threads:
             self._drain_one()
 
     def _drain_one(self) -> None:
-        future, rawlen, stream_offset = self.pending.popleft()
+        future, raw, stream_offset = self.pending.popleft()
         codec, payload, check = future.result()
         seq = len(self.frames)
-        self._write(pack_frame_header(FRAME_DATA, codec, seq, len(payload), rawlen, check))
+        self._write(pack_frame_header(FRAME_DATA, codec, seq, len(payload), len(raw), check))
         self._write(payload)
-        self.frames.append(FrameEntry(self.pos, len(payload), rawlen, codec, stream_offset))
+        self.frames.append(FrameEntry(self.pos, len(payload), len(raw), codec, stream_offset))
         self.pos += 48 + len(payload)
+        if len(raw) == self.frame_size and len(self.spare) < 2:
+            self.spare.append(raw)  # written (it may have been the payload itself): free to reuse
 
     def settle(self) -> None:
         """Write the frames still being compressed, so that ``pos`` counts all

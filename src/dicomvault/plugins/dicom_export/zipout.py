@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydicom import Dataset
 
-from dicomvault.engine import ConflictPolicy, DicomvaultError, Item, Outcome, UsageError
+from dicomvault.engine import ConflictPolicy, DicomvaultError, Item, Outcome, UsageError, read_ahead
 
 from . import convert
 from .target import (
@@ -81,6 +81,15 @@ class ZipTarget(_Base):
         with self._zip().open(info, "w", force_zip64=size > ZIP32_LIMIT) as out:
             while chunk := src.read(1 << 20):  # type: ignore[attr-defined]
                 out.write(chunk)
+
+    def prepare(self, item: Item, policy: ConflictPolicy) -> None:
+        read_ahead(item.open)  # members are written one after another: have the next files read
+
+    def put_prepared(self, item: Item, token: None, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        return self.put_instance(item, policy)
+
+    def discard(self, token: None) -> None:
+        pass
 
     def put_instance(self, item: Item, policy: ConflictPolicy) -> tuple[Outcome, str]:
         seen = self._already(item)

@@ -24,6 +24,7 @@ from dicomvault.engine import (
     Attributes,
     ConflictPolicy,
     DatabaseError,
+    FileOpener,
     InstanceRecord,
     Item,
     Level,
@@ -257,7 +258,7 @@ class EmbeddedSource:
         return self._picked
 
     def _opener(self, sha256: str) -> Opener:
-        return lambda: self.db.store.open(sha256)
+        return FileOpener(self.db.store.path_of(sha256))
 
     def instances(self, selection: Selection) -> Iterator[Item | Rejected]:
         for p, st, se, series_id in self._series(selection):
