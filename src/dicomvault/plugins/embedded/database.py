@@ -393,9 +393,15 @@ class EmbeddedTarget:
         if self._in_tx:
             self.conn.execute("ROLLBACK")
             self._in_tx = False
-        for sha in self._new_files:
-            if not self._referenced(sha):
-                self.db.store.remove(sha)
+        # Files this run added go if nothing refers to them, checked under the write lock: another
+        # writer may have found the same bytes already stored and be about to commit a row for them.
+        try:
+            with Transaction(self.conn):
+                for sha in self._new_files:
+                    if not self._referenced(sha):
+                        self.db.store.remove(sha)
+        except self.catalog_errors:
+            pass  # the catalog cannot say: unreferenced files stay, a referenced one is never removed
         self._new_files.clear()
         self._drop_after_commit.clear()
         self._ids.clear()
