@@ -75,7 +75,10 @@ def fresh_dirs(base: Path, prefix: str) -> Callable[[], Path]:
 
 def throughput(benchmark: Any, data: DataSet) -> None:
     """Put files/s and MB/s (1 MB = 10^6 bytes) into ``extra_info``, from
-    the median and the best round."""
+    the median and the best round. With ``--benchmark-disable`` (each case run
+    once, as a test) there is nothing to report."""
+    if benchmark.stats is None:
+        return
     stats = benchmark.stats.stats
     benchmark.extra_info.update(
         files=data.files, bytes=data.bytes,

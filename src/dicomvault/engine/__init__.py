@@ -25,7 +25,7 @@ from .errors import (
     WrongPassphraseError,
 )
 from .hookspecs import hookimpl
-from .interfaces import Database, Kind, Operation, Source, Target, TreeNode
+from .interfaces import Database, Kind, Operation, ReadAheadTarget, Source, Target, TreeNode
 from .manager import Hooks, make_plugin_manager
 from .run import transfer
 from .types import (
@@ -54,9 +54,9 @@ __all__ = [
     "ChecksumError", "ConflictError", "ConflictPolicy", "Context", "CorruptError", "Database",
     "DatabaseError", "DicomvaultError", "Event", "FileOpener", "FormatError", "Hooks", "InstanceRecord",
     "Item", "Kind", "Level", "NotABackupError", "Opener", "Operation", "Outcome", "PassphraseError",
-    "PassphraseRequiredError", "PatientRecord", "PluginError", "Rejected", "Report", "Selection",
-    "SeriesRecord", "Source", "StudyRecord", "Target", "TargetError", "TreeNode", "TruncatedError",
-    "UnsupportedFeatureError", "UnsupportedVersionError", "UsageError", "VolumeSetError",
-    "WrongPassphraseError", "default_database_url", "hookimpl", "make_plugin_manager", "patient_key",
-    "read_ahead", "transfer",
+    "PassphraseRequiredError", "PatientRecord", "PluginError", "ReadAheadTarget", "Rejected", "Report",
+    "Selection", "SeriesRecord", "Source", "StudyRecord", "Target", "TargetError", "TreeNode",
+    "TruncatedError", "UnsupportedFeatureError", "UnsupportedVersionError", "UsageError",
+    "VolumeSetError", "WrongPassphraseError", "default_database_url", "hookimpl", "make_plugin_manager",
+    "patient_key", "read_ahead", "transfer",
 ]

@@ -28,6 +28,7 @@ from .types import (
     Selection,
     SeriesRecord,
     StudyRecord,
+    read_ahead,
 )
 
 if TYPE_CHECKING:
@@ -121,6 +122,22 @@ class Target(Protocol):
                        policy: ConflictPolicy) -> tuple[Outcome, str]: ...
 
     def finish(self, ok: bool) -> None: ...
+
+
+class ReadAheadTarget:
+    """A mixin for targets that write items one after another (a .bkp, a zip):
+    the run loop's workers only ask the kernel to read the next items' files
+    (:func:`~dicomvault.engine.read_ahead`), a window ahead, so that the
+    in-order ``put_instance`` rarely waits for the disk."""
+
+    def prepare(self, item: Item, policy: ConflictPolicy) -> None:
+        read_ahead(item.open)
+
+    def put_prepared(self, item: Item, token: None, policy: ConflictPolicy) -> tuple[Outcome, str]:
+        return self.put_instance(item, policy)  # type: ignore[attr-defined,no-any-return]
+
+    def discard(self, token: None) -> None:
+        pass
 
 
 class TreeNode(msgspec.Struct, kw_only=True):

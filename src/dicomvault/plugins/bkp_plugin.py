@@ -21,6 +21,7 @@ from dicomvault.engine import (
     Outcome,
     PassphraseRequiredError,
     PatientRecord,
+    ReadAheadTarget,
     Rejected,
     Selection,
     SeriesRecord,
@@ -28,7 +29,6 @@ from dicomvault.engine import (
     TargetError,
     UsageError,
     hookimpl,
-    read_ahead,
 )
 from dicomvault.formats.bkp.manifest import AttachmentEntry, Blob, InstanceEntry, Manifest
 from dicomvault.formats.bkp.volumes import (
@@ -164,7 +164,7 @@ class BkpSource:
             part.close()
 
 
-class BkpTarget:
+class BkpTarget(ReadAheadTarget):
     """Writes a new .bkp file; it appears under its name only when complete."""
 
     def __init__(self, path: str, *, overwrite: bool = False, level: int = 3,
@@ -193,15 +193,6 @@ class BkpTarget:
             return None, (f"{what}: the bytes read do not match their SHA-256 (stored copy damaged?); "
                           "not written"), blob.length
         return blob, got, blob.length
-
-    def prepare(self, item: Item, policy: ConflictPolicy) -> None:
-        read_ahead(item.open)
-
-    def put_prepared(self, item: Item, token: None, policy: ConflictPolicy) -> tuple[Outcome, str]:
-        return self.put_instance(item, policy)
-
-    def discard(self, token: None) -> None:
-        pass
 
     def put_instance(self, item: Item, policy: ConflictPolicy) -> tuple[Outcome, str]:
         rec = item.instance
@@ -263,7 +254,7 @@ class BkpTarget:
             raise
 
 
-class BkpVolumesTarget:
+class BkpVolumesTarget(ReadAheadTarget):
     """Writes a volume set NAME.001.bkp, NAME.002.bkp, ... of at most
     ``volume_size`` bytes each (SPEC.md, "Volumes"). Instances go into the
     volume open when they arrive, with the patient, study and series
@@ -346,15 +337,6 @@ class BkpVolumesTarget:
         except OSError as exc:
             raise TargetError(f"cannot write the next volume of {self.description}: "
                               f"{exc.strerror or exc}; nothing was kept") from exc
-
-    def prepare(self, item: Item, policy: ConflictPolicy) -> None:
-        read_ahead(item.open)
-
-    def put_prepared(self, item: Item, token: None, policy: ConflictPolicy) -> tuple[Outcome, str]:
-        return self.put_instance(item, policy)
-
-    def discard(self, token: None) -> None:
-        pass
 
     def put_instance(self, item: Item, policy: ConflictPolicy) -> tuple[Outcome, str]:
         rec = item.instance

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydicom import Dataset
 
-from dicomvault.engine import ConflictPolicy, DicomvaultError, Item, Outcome, UsageError, read_ahead
+from dicomvault.engine import ConflictPolicy, DicomvaultError, Item, Outcome, ReadAheadTarget, UsageError
 
 from . import convert
 from .target import (
@@ -43,7 +43,7 @@ def free_zip_name(path: Path) -> Path:
     raise UsageError(f"no free name next to {path}")
 
 
-class ZipTarget(_Base):
+class ZipTarget(ReadAheadTarget, _Base):
     def __init__(self, path: str, options: Options, *, level: int = 1) -> None:
         super().__init__(options)
         final = Path(path).expanduser().absolute()
@@ -81,15 +81,6 @@ class ZipTarget(_Base):
         with self._zip().open(info, "w", force_zip64=size > ZIP32_LIMIT) as out:
             while chunk := src.read(1 << 20):  # type: ignore[attr-defined]
                 out.write(chunk)
-
-    def prepare(self, item: Item, policy: ConflictPolicy) -> None:
-        read_ahead(item.open)  # members are written one after another: have the next files read
-
-    def put_prepared(self, item: Item, token: None, policy: ConflictPolicy) -> tuple[Outcome, str]:
-        return self.put_instance(item, policy)
-
-    def discard(self, token: None) -> None:
-        pass
 
     def put_instance(self, item: Item, policy: ConflictPolicy) -> tuple[Outcome, str]:
         seen = self._already(item)
