@@ -13,6 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from dicomvault.plugins.embedded.database import EmbeddedDatabase
 from dicomvault.plugins.ops.demo import real_dicom_folders
 
 OUT = "out.bkp"
@@ -91,21 +92,33 @@ def test_unreadable_backup_is_a_clean_failure(cli, tmp_path: Path, content: byte
     assert_clean_error(result.err)
 
 
-def test_database_path_that_is_a_file_is_a_clean_failure(cli, tmp_path: Path) -> None:
+# read-only: "no database there" (a usage error); storing: refuses to create one there
+NOT_A_DATABASE = [(["ls", "--whole"], 64), (["import-dicom", "nothing-here"], 2)]
+
+
+@pytest.mark.parametrize(("command", "code"), NOT_A_DATABASE)
+def test_database_path_that_is_a_file_is_a_clean_failure(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         command: list[str], code: int) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nothing-here").mkdir()
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
-    result = cli("--db", not_a_dir, "ls", "--whole")
-    assert result.code == 2
+    result = cli("--db", not_a_dir, *command)
+    assert result.code == code, result.err
     assert_clean_error(result.err)
     assert not_a_dir.read_text() == "x"
 
 
-def test_foreign_folder_is_not_taken_over(cli, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("command", "code"), NOT_A_DATABASE)
+def test_foreign_folder_is_not_taken_over(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          command: list[str], code: int) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nothing-here").mkdir()
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / "holiday.jpg").write_bytes(b"\xff\xd8\xff")
-    result = cli("--db", folder, "ls", "--whole")
-    assert result.code == 2
+    result = cli("--db", folder, *command)
+    assert result.code == code, result.err
     assert_clean_error(result.err)
     assert [p.name for p in folder.iterdir()] == ["holiday.jpg"]
 
@@ -141,12 +154,37 @@ USAGE_ERRORS = [
 @pytest.mark.parametrize("argv", USAGE_ERRORS, ids=lambda a: " ".join(a) or "(none)")
 def test_usage_errors_exit_64(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
     monkeypatch.chdir(tmp_path)
+    EmbeddedDatabase(tmp_path / "default-db").close()  # there, and empty: the mistake is in the arguments
     result = cli(*argv)
     assert result.code == 64, (result.out, result.err)
     assert_clean_error(result.err)
     assert result.out == ""
     assert not (tmp_path / OUT).exists()
     assert not (tmp_path / "out.zip").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["ls"],
+    ["ls", "--whole", "--level", "instance"],
+    ["export-db", OUT, "--whole"],
+    ["export-dicom", "out-folder", "--whole"],
+    ["select", "add-all"],
+    ["compare", "other.bkp"],
+    ["replicate", "--to", "copy-db", "--whole"],
+    ["cstore", "--to", "PACS@127.0.0.1:1", "--whole"],
+], ids=lambda a: " ".join(a))
+def test_a_mistyped_database_is_named_and_not_created(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      argv: list[str]) -> None:
+    """Only commands that store into the database create it: any other one given a path where there
+    is none says so (a mistyped --db), instead of showing, exporting or sending an empty database."""
+    monkeypatch.chdir(tmp_path)
+    typo = tmp_path / "vualt"
+    result = cli("--db", typo, *argv)
+    assert result.code == 64, (result.out, result.err)
+    assert_clean_error(result.err)
+    assert f"no dicomvault database at {typo}" in result.err
+    assert not typo.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_usage_error_changes_nothing(cli, tmp_path: Path, pydicom_files: Path) -> None:

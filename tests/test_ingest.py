@@ -597,9 +597,11 @@ def test_concurrent_first_use_of_a_new_database(tmp_path: Path) -> None:
     """Several commands opening a database path that does not exist yet all
     succeed: none mistakes the other's half-created layout for a foreign folder."""
     env = dict(os.environ, DICOMVAULT_DB=str(tmp_path / "unused"), DICOMVAULT_DISABLE_PLUGIN_AUTOLOAD="1")
+    empty = tmp_path / "nothing-to-import"
+    empty.mkdir()
     for attempt in range(3):
         db = tmp_path / f"db{attempt}"
-        cmd = [sys.executable, "-m", "dicomvault", "--db", str(db), "ls", "--whole"]
+        cmd = [sys.executable, "-m", "dicomvault", "--db", str(db), "import-dicom", str(empty)]
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
                  for _ in range(4)]
         for p in procs:

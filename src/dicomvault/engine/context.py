@@ -34,14 +34,23 @@ class Context:
         self.passphrase = PassphraseSource()  # encrypted .bkp files (``--encrypt``, ``--passphrase-*``)
         self.item_lines = True  # print one line per problem item (the demo summarises instead)
         self._databases: list[Database] = []
+        self.create_database = False  # set by open_database(create=True) while a kind opens one
 
     def emit(self, event: Event) -> None:
         self.hooks.on_event(event)
 
-    def open_database(self, url: str | None = None) -> Database:
+    def open_database(self, url: str | None = None, *, create: bool = False) -> Database:
+        """The database at ``url`` (default: the chosen one). Only commands that
+        store into it pass ``create=True``: for the others a mistyped ``--db``
+        must be an error, not a new, empty database. A kind that can create
+        databases reads ``ctx.create_database`` in its ``open``."""
         url = url or self.db_url
         kind = self.hooks.find(self.hooks.databases(), url, "database")
-        db = cast(Database, kind.open(url, self))
+        self.create_database = create
+        try:
+            db = cast(Database, kind.open(url, self))
+        finally:
+            self.create_database = False
         self._databases.append(db)
         return db
 

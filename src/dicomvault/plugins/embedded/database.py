@@ -69,7 +69,8 @@ class EmbeddedDatabase:
         catalog_path = self.root / "catalog.sqlite"
         if not catalog_path.exists():
             if not create:
-                raise DatabaseError(f"no dicomvault database at {self.root}")
+                raise UsageError(f"no dicomvault database at {self.root} (check --db or $DICOMVAULT_DB; "
+                                 "import-dicom or import-db creates one)")
             check_creatable(self.root)
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.umask(os.umask(0o077) | 0o077)  # files we create are private to the user

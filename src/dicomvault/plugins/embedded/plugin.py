@@ -24,7 +24,7 @@ def _is_embedded(url: str) -> bool:
 
 
 def _open_db(url: str, ctx: Context) -> EmbeddedDatabase:
-    return EmbeddedDatabase(_path(url))
+    return EmbeddedDatabase(_path(url), create=ctx.create_database)
 
 
 def _open_source(url: str, ctx: Context) -> object:

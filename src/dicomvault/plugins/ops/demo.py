@@ -69,7 +69,7 @@ def run(ctx: Context, args: argparse.Namespace) -> Report:
     report = Report(operation="demo")
     started = time.monotonic()
     ctx.item_lines = False  # the broken test files are expected: summarised below, not listed
-    db = ctx.open_database(str(workdir / "db"))
+    db = ctx.open_database(str(workdir / "db"), create=True)
     ingest = transfer(ctx, ctx.open_source("files:" + ",".join(folders)), db.target(), Selection(whole=True),
                       operation="import-dicom")
     _phase(ctx, report, "import-dicom", ingest)
@@ -91,7 +91,7 @@ def run(ctx: Context, args: argparse.Namespace) -> Report:
                       operation="export-db")
     src.close()
     _phase(ctx, report, "export-db", export)
-    restored = ctx.open_database(str(workdir / "restored"))
+    restored = ctx.open_database(str(workdir / "restored"), create=True)
     bkp = ctx.open_source(f"bkp:{backup}")
     restore = transfer(ctx, bkp, restored.target(), Selection(whole=True), operation="import-db")
     bkp.close()

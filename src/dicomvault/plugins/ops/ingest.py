@@ -15,7 +15,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(ctx: Context, args: argparse.Namespace) -> Report:
-    db = ctx.open_database()
+    db = ctx.open_database(create=True)
     source = FolderSource(args.paths, jobs=args.jobs)
     report = transfer(ctx, source, db.target(), Selection(whole=True), policy=policy_from(args),
                       operation="import-dicom")
