@@ -155,7 +155,11 @@ class TreeNode(msgspec.Struct, kw_only=True):
 
 @runtime_checkable
 class Database(Protocol):
-    """An online image database: a source, a target, and bookkeeping."""
+    """An online image database: a source, a target, and bookkeeping.
+
+    Optional: ``collect_garbage(dry_run=False)`` removes what interrupted
+    writers left behind (never anything the database names) and returns
+    what it removed, as a msgspec Struct (``dicomvault gc``)."""
 
     url: str
 

@@ -21,6 +21,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "dicomvault.plugins.ops.browse",
     "dicomvault.plugins.ops.select",
     "dicomvault.plugins.ops.attach",
+    "dicomvault.plugins.ops.gc",
     "dicomvault.plugins.ops.transfer",
     "dicomvault.plugins.ops.plugins_cmd",
     "dicomvault.plugins.ops.compare",

@@ -40,6 +40,7 @@ from dicomvault.engine import (
 )
 
 from . import catalog as cat
+from .collect import Collected, collect
 from .store import ContentStore, Staged
 
 COMMIT_EVERY_ITEMS = 500
@@ -198,6 +199,11 @@ class EmbeddedDatabase:
         row = self.conn.execute("SELECT level, uid, comment, tags, fields FROM attributes "
                                 "WHERE level = ? AND uid = ?", (level, uid)).fetchone()
         return cat.attributes_of(row) if row else None
+
+    def collect_garbage(self, *, dry_run: bool = False) -> Collected:
+        """Remove what interrupted writers left: staged copies of processes
+        that are gone, store files no catalog row names (see :mod:`.collect`)."""
+        return collect(Transaction(self.conn), self.store.files, self.store.tmp, dry_run=dry_run)
 
     def source(self) -> EmbeddedSource:
         return EmbeddedSource(self)

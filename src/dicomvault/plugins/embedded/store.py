@@ -13,6 +13,7 @@ import ctypes
 import hashlib
 import itertools
 import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +44,8 @@ class ContentStore:
         for d in (self.files, self.tmp):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._made: set[Path] = set()  # fan-out folders known to exist
-        self._tmp_prefix = f"{self.tmp}{os.sep}in-{os.getpid()}-"
+        # in.HOST.PID.N: whoever collects leftovers can tell whether the writer still runs
+        self._tmp_prefix = f"{self.tmp}{os.sep}in.{socket.gethostname()}.{os.getpid()}."
         self._counter = itertools.count()  # next() is atomic under the GIL: safe across threads
 
     def path_of(self, sha256: str) -> Path:
@@ -57,8 +59,8 @@ class ContentStore:
 
     def _new_temp(self) -> tuple[int, str]:
         """A new private file in the temporary area. Names are unique per
-        process (pid and a counter; O_EXCL guards against leftovers of an
-        earlier process with the same pid): cheaper than mkstemp's random
+        process (host, pid and a counter; O_EXCL guards against leftovers of
+        an earlier process with the same pid): cheaper than mkstemp's random
         names, which cost more than the write of a small file."""
         while True:
             path = f"{self._tmp_prefix}{next(self._counter)}"

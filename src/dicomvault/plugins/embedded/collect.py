@@ -1,0 +1,94 @@
+"""Collecting what interrupted writers left in a database's file store:
+staged copies of processes that are gone, and store files that no catalog row
+names (published by a writer killed before its commit).
+
+Both are harmless (never read, never named) but take space. Store files are
+judged under the write lock: every writer holds it from publishing a file to
+committing the row that names it, so a file nothing names then will never be
+named. Staged files are written before the lock is taken, so they are judged
+by their name, which holds the host and process that wrote them
+(``in.HOST.PID.N``, see :class:`~.store.ContentStore`): only a process of this
+host that no longer runs is known to be gone; other staged files go once they
+are a day old.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+STALE_AFTER = 24 * 3600  # staged files whose writer cannot be asked: gone after this long
+
+
+class Collected(msgspec.Struct, kw_only=True):
+    """What was removed (or, in a dry run, would be)."""
+
+    store_files: int = 0
+    store_bytes: int = 0
+    staged_files: int = 0
+    staged_bytes: int = 0
+    dry_run: bool = False
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def staged_file_is_stale(name: str, mtime: float, *, host: str | None = None,
+                         now: float | None = None) -> bool:
+    """Whether a file in the staging area belongs to no running writer."""
+    if not name.startswith("in"):
+        return False  # not ours: left alone
+    parts = name[3:].rsplit(".", 2) if name.startswith("in.") else []
+    if len(parts) == 3 and parts[1].isdigit() and parts[0] == (host or socket.gethostname()):
+        return int(parts[1]) != os.getpid() and not _running(int(parts[1]))
+    return (now or time.time()) - mtime > STALE_AFTER
+
+
+def collect(write_lock: AbstractContextManager[Any], store_root: Path, staging: Path, *,
+            dry_run: bool = False) -> Collected:
+    """Remove (or count, with ``dry_run``) unreferenced store files and stale
+    staged files. ``write_lock`` is the database's write transaction; it
+    gives the catalog connection."""
+    out = Collected(dry_run=dry_run)
+    with write_lock as locked:
+        named = {row[0] for row in locked.execute("SELECT sha256 FROM instances")}
+        named.update(row[0] for row in locked.execute("SELECT sha256 FROM attachments"))
+        for fan in sorted(os.scandir(store_root), key=lambda e: e.name):
+            if not fan.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(fan.path):
+                if entry.name in named or not entry.is_file(follow_symlinks=False):
+                    continue
+                out.store_files += 1
+                out.store_bytes += entry.stat(follow_symlinks=False).st_size
+                if not dry_run:
+                    _unlink(entry.path)
+    for entry in os.scandir(staging):
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        st = entry.stat(follow_symlinks=False)
+        if staged_file_is_stale(entry.name, st.st_mtime):
+            out.staged_files += 1
+            out.staged_bytes += st.st_size
+            if not dry_run:
+                _unlink(entry.path)
+    return out
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
