@@ -11,6 +11,7 @@ import io
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -127,22 +128,32 @@ def test_sigkill_at_random_points_never_leaves_a_partial_file(database: tuple[Pa
         if final.exists():
             verify_complete(final, expected)
             replaced += final.read_bytes()[16:32] != id_before
-        # nothing but the final name and `.NAME.<random>.part` temporary files
+        # nothing but the final name and `.NAME.<writer>.<random>.part` temporary files, and never
+        # more than the one of the run just killed: each export removes those of killed ones
         assert all(p.name == final.name or (p.name.startswith(f".{final.name}.") and p.name.endswith(".part"))
                    for p in out_dir.iterdir())
+        assert len(_parts(out_dir)) <= 1
     # the kills really fell in the middle of writing, many times
     assert interrupted_mid_write >= KILLS // 3, (completed, interrupted_mid_write, replaced)
     print(f"{KILLS} kills: {interrupted_mid_write} while writing, {completed} after the end; "
           f"the final name changed {replaced} times")
 
     # SIGKILL leaves no chance to clean up: the temporary files of killed runs
-    # remain (mostly unfinished: no footer), and nothing removes them later,
-    # not even the next successful export (documented behaviour).
+    # remain (mostly unfinished: no footer), named by the host and process that
+    # wrote them; the next export to the same name removes those whose process
+    # is gone, and never the file of an export still running.
+    proc, _began = start()  # one more, killed as soon as it has begun writing
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     leftovers = _parts(out_dir)
-    assert 1 <= len(leftovers) <= interrupted_mid_write
+    assert len(leftovers) == 1
+    host = socket.gethostname()
+    assert all(p.startswith(f".{final.name}.{host}.") for p in leftovers)
+    running = out_dir / f".{final.name}.{host}.{os.getpid()}.tmpabcd.part"  # this process: running
+    running.write_bytes(b"still being written")
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     verify_complete(final, expected)
-    assert _parts(out_dir) == leftovers
+    assert _parts(out_dir) == [running.name]
 
 
 # ---------------------------------------------------------------------- a full disk

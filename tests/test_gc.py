@@ -77,14 +77,14 @@ def test_gc_removes_leftovers_and_nothing_else(cli, pydicom_files: Path, tmp_pat
 
 
 def test_staged_names() -> None:
-    now = time.time()
-    assert not staged_file_is_stale(f"in.h.{os.getpid()}.3", 0, host="h", now=now)
-    assert staged_file_is_stale(f"in.h.{_dead_pid()}.3", now, host="h", now=now)
-    assert staged_file_is_stale(f"in.a.b.c.{_dead_pid()}.3", now, host="a.b.c", now=now)  # dotted host
-    assert not staged_file_is_stale("in.elsewhere.12.3", now - 60, host="h", now=now)
-    assert staged_file_is_stale("in.elsewhere.12.3", now - STALE_AFTER - 1, host="h", now=now)
-    assert staged_file_is_stale("in-k2j3h4", now - STALE_AFTER - 1, host="h", now=now)  # older mkstemp names
-    assert not staged_file_is_stale("catalog.tmp", 0, host="h", now=now)
+    now, host = time.time(), socket.gethostname()
+    assert not staged_file_is_stale(f"in.{host}.{os.getpid()}.3", 0, now=now)  # running: whatever its age
+    assert staged_file_is_stale(f"in.{host}.{_dead_pid()}.3", now, now=now)
+    assert not staged_file_is_stale("in.elsewhere.example.12.3", now - 60, now=now)  # cannot be asked
+    assert staged_file_is_stale("in.elsewhere.example.12.3", now - STALE_AFTER - 1, now=now)
+    assert staged_file_is_stale("in-k2j3h4", now - STALE_AFTER - 1, now=now)  # older mkstemp names
+    assert not staged_file_is_stale("in-k2j3h4", now - 60, now=now)
+    assert not staged_file_is_stale("catalog.tmp", 0, now=now)
 
 
 def _kill_while_copying(cmd: list[str], db: Path, env: dict[str, str], after: int) -> None:

@@ -26,6 +26,7 @@ from .errors import (
 )
 from .hookspecs import hookimpl
 from .interfaces import Database, Kind, Operation, ReadAheadTarget, Source, Target, TreeNode
+from .leftovers import writer_is_gone, writer_tag
 from .manager import Hooks, make_plugin_manager
 from .run import transfer
 from .types import (
@@ -58,5 +59,5 @@ __all__ = [
     "Selection", "SeriesRecord", "Source", "StudyRecord", "Target", "TargetError", "TreeNode",
     "TruncatedError", "UnsupportedFeatureError", "UnsupportedVersionError", "UsageError",
     "VolumeSetError", "WrongPassphraseError", "default_database_url", "hookimpl", "make_plugin_manager",
-    "patient_key", "read_ahead", "transfer",
+    "patient_key", "read_ahead", "transfer", "writer_is_gone", "writer_tag",
 ]

@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from dicomvault.engine import TargetError
+from dicomvault.engine import TargetError, writer_is_gone, writer_tag
 
 from .crypto import DEFAULT_LOG2_N, MAX_SEALED_CONTENT, FrameCipher, new_key_frame
 from .layout import (
@@ -63,6 +63,31 @@ def _compress(raw: bytes | bytearray, level: int, cipher: FrameCipher | None = N
     return codec, payload, xxh3(payload)
 
 
+def remove_leftovers(final: Path) -> list[Path]:
+    """Remove the temporary files that writers of ``final`` killed before the
+    end left beside it (``.NAME.HOST.PID.RANDOM.part``, see
+    :func:`~dicomvault.engine.writer_tag`): only those of a process of this
+    host that no longer runs; a running export's file is never touched."""
+    removed: list[Path] = []
+    prefix = f".{final.name}."
+    try:
+        entries = list(os.scandir(final.parent))
+    except OSError:
+        return removed  # the writer's own open says what is wrong
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(".part")):
+            continue
+        tag = name[len(prefix):-len(".part")].rpartition(".")[0]  # drop the random part
+        if writer_is_gone(tag) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+            except FileNotFoundError:
+                pass
+    return removed
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -89,7 +114,9 @@ class BkpWriter:
             key_frame, self.cipher = new_key_frame(passphrase, self.file_id, log2_n=kdf_log2_n)
         self.threads = threads or max(1, min(4, os.cpu_count() or 1))
         self.writer_name = writer
-        fd, tmp = tempfile.mkstemp(dir=self.final.parent, prefix=f".{self.final.name}.", suffix=".part")
+        remove_leftovers(self.final)
+        fd, tmp = tempfile.mkstemp(dir=self.final.parent, prefix=f".{self.final.name}.{writer_tag()}.",
+                                   suffix=".part")
         self.tmp = Path(tmp)
         self.fh = os.fdopen(fd, "wb", buffering=1 << 20)
         self.fh.write(pack_header(self.file_id, time.time_ns(), FLAG_ENCRYPTED if self.cipher else 0))

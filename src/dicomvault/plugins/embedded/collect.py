@@ -22,6 +22,8 @@ from typing import Any
 
 import msgspec
 
+from dicomvault.engine import writer_is_gone
+
 STALE_AFTER = 24 * 3600  # staged files whose writer cannot be asked: gone after this long
 
 
@@ -35,24 +37,13 @@ class Collected(msgspec.Struct, kw_only=True):
     dry_run: bool = False
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
-def staged_file_is_stale(name: str, mtime: float, *, host: str | None = None,
-                         now: float | None = None) -> bool:
+def staged_file_is_stale(name: str, mtime: float, *, now: float | None = None) -> bool:
     """Whether a file in the staging area belongs to no running writer."""
     if not name.startswith("in"):
         return False  # not ours: left alone
-    parts = name[3:].rsplit(".", 2) if name.startswith("in.") else []
-    if len(parts) == 3 and parts[1].isdigit() and parts[0] == (host or socket.gethostname()):
-        return int(parts[1]) != os.getpid() and not _running(int(parts[1]))
+    tag = name[3:].rpartition(".")[0] if name.startswith("in.") else ""
+    if tag.rpartition(".")[0] == socket.gethostname():
+        return writer_is_gone(tag)
     return (now or time.time()) - mtime > STALE_AFTER
 
 

@@ -13,11 +13,12 @@ import ctypes
 import hashlib
 import itertools
 import os
-import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from dicomvault.engine import writer_tag
 
 CHUNK = 1 << 20
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -45,7 +46,7 @@ class ContentStore:
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._made: set[Path] = set()  # fan-out folders known to exist
         # in.HOST.PID.N: whoever collects leftovers can tell whether the writer still runs
-        self._tmp_prefix = f"{self.tmp}{os.sep}in.{socket.gethostname()}.{os.getpid()}."
+        self._tmp_prefix = f"{self.tmp}{os.sep}in.{writer_tag()}."
         self._counter = itertools.count()  # next() is atomic under the GIL: safe across threads
 
     def path_of(self, sha256: str) -> Path:
