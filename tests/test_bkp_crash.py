@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -260,3 +261,61 @@ def test_injected_disk_full(database: tuple[Path, dict[str, str]], tmp_path: Pat
     code, _out, err = run("--db", db, "-q", "export-db", out_dir / "full.bkp", "--whole")
     assert code == 0, err
     verify_complete(out_dir / "full.bkp", expected)
+
+
+@pytest.mark.slow
+def test_restore_and_zip_onto_a_full_file_system(database: tuple[Path, dict[str, str]],
+                                                 tmp_path: Path) -> None:
+    """import-db into a database, and export-dicom --zip, on a full disk: one clear error that
+    stops the run (not a failure per instance, not a traceback), and nothing left behind."""
+    db, _expected = database
+    env = dict(os.environ, DICOMVAULT_DISABLE_PLUGIN_AUTOLOAD="1")
+    backup = tmp_path / "all.bkp"
+    subprocess.run([sys.executable, "-m", "dicomvault", "--db", str(db), "-q", "export-db", str(backup),
+                    "--whole"], env=env, check=True)
+    with small_tmpfs(tmp_path / "mnt", "8m") as mnt:
+        proc = subprocess.run([sys.executable, "-m", "dicomvault", "--db", str(mnt / "db"), "import-db",
+                               str(backup)], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and "No space left on device" in proc.stderr, proc.stderr
+        assert proc.stderr.count("No space left on device") == 1, proc.stderr
+        named = {r[0] for r in sqlite3.connect(mnt / "db" / "catalog.sqlite").execute(
+            "SELECT sha256 FROM instances")}
+        assert {p.name for p in (mnt / "db" / "store").glob("*/*")} == named  # what was committed only
+        assert list((mnt / "db" / "tmp").iterdir()) == []
+        proc = subprocess.run([sys.executable, "-m", "dicomvault", "--db", str(db), "export-dicom",
+                               str(mnt / "out.zip"), "--zip", "--whole"], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and "No space left on device" in proc.stderr, proc.stderr
+        assert not (mnt / "out.zip").exists() and not (mnt / "out.zip.part").exists()
+
+
+def test_interrupted_restore_leaves_nothing_staged(database: tuple[Path, dict[str, str]],
+                                                   tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) at several moments of an import-db: the catalog names every store file,
+    the staging area is empty, and the restore run again completes."""
+    db, _expected = database
+    env = dict(os.environ, DICOMVAULT_DISABLE_PLUGIN_AUTOLOAD="1")
+    backup = tmp_path / "all.bkp"
+    subprocess.run([sys.executable, "-m", "dicomvault", "--db", str(db), "-q", "export-db", str(backup),
+                    "--whole"], env=env, check=True)
+    interrupted = 0
+    for n, after in enumerate((1, 10, 30, 60, 90)):  # of 120 instances in the store
+        target = tmp_path / f"db{n}"
+        proc = subprocess.Popen([sys.executable, "-m", "dicomvault", "--db", str(target), "-q", "import-db",
+                                 str(backup)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None and sum(1 for _ in target.glob("store/*/*")) < after:
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGINT)
+        interrupted += proc.wait(timeout=120) != 0
+        if not (target / "catalog.sqlite").exists():
+            continue
+        named = {r[0] for r in sqlite3.connect(target / "catalog.sqlite").execute(
+            "SELECT sha256 FROM instances UNION SELECT sha256 FROM attachments")}
+        assert {p.name for p in (target / "store").glob("*/*")} == named, after
+        assert list((target / "tmp").iterdir()) == [], after
+        again = subprocess.run([sys.executable, "-m", "dicomvault", "--db", str(target), "-q", "import-db",
+                                str(backup)], env=env, capture_output=True, text=True)
+        assert again.returncode == 0, again.stderr
+    assert interrupted >= 2  # the interrupts came in the middle, not after the end

@@ -127,10 +127,13 @@ def _hand_over(items: Iterable[Item | Rejected], target: Target, policy: Conflic
             group.clear()
 
     def settle() -> tuple[Item | Rejected, Outcome | None, str]:
-        it, future, i = window.popleft()
+        it, future, i = window[0]
         if future is None or isinstance(it, Rejected):
+            window.popleft()
             return it, None, ""
+        # Waited for while still in the window: an interrupt here leaves it to the clean-up below.
         prepared = future.result()[i]
+        window.popleft()
         if isinstance(prepared, TargetError):
             raise prepared
         if isinstance(prepared, (DicomvaultError, OSError)):

@@ -44,7 +44,10 @@ from dicomvault.formats.bkp.volumes import (
 )
 from dicomvault.formats.bkp.writer import BkpWriter
 
-RELEASE_AFTER = 64  # items handed out after a volume's last one before its file is closed
+# Items handed out after a volume's last one before its file is closed: well past how far the
+# run loop's workers can lag behind the source (its window of 256 items plus a batch), so that
+# no worker still needs the volume, which would reopen it for every late item.
+RELEASE_AFTER = 1024
 
 
 def _path(url: str) -> str:

@@ -221,6 +221,8 @@ class BkpReader:
             with self._lock:
                 if nxt in self._frames or not self._wanted[nxt]:
                     continue  # cached, or every planned blob is done with it (a slower reader's view)
+                if sum(not s.used for s in self._frames.values()) >= CACHED_FRAMES // 2:
+                    return  # enough decoded ahead: more would push out frames decoded ahead earlier
                 slot = self._new_slot(nxt)
             try:
                 self._ahead.submit(self._fill_quietly, slot, nxt)
@@ -394,6 +396,7 @@ class _BlobStream(io.RawIOBase):
         # frames of the blob not yet done with (the reader keeps planned frames until then)
         self._next = reader.frame_of(blob.offset)
         self._last = reader.frame_of(self.end - 1) if blob.length else self._next - 1
+        self._held: tuple[int, bytes] | None = None  # the frame being read: kept, not asked for again
 
     def readable(self) -> bool:
         return True
@@ -408,7 +411,13 @@ class _BlobStream(io.RawIOBase):
             return 0
         index = self.reader.frame_of(self.pos)
         fe = self.reader.manifest.frames[index]
-        data = self.reader.read_frame(index)
+        if self._held is not None and self._held[0] == index:
+            data = self._held[1]
+        else:
+            # Held while this stream reads it: the cache may drop it meanwhile (other workers,
+            # read-ahead) without this stream having it decoded again for its next read.
+            data = self.reader.read_frame(index)
+            self._held = (index, data)
         start = self.pos - fe.stream_offset
         n = min(len(buffer), self.end - self.pos, fe.raw - start)
         with memoryview(data) as view:  # a slice of a memoryview: no copy of the frame's bytes
@@ -416,4 +425,5 @@ class _BlobStream(io.RawIOBase):
         self.pos += n
         if start + n == fe.raw or self.pos == self.end:
             self._done_until(index)
+            self._held = None
         return n

@@ -7,6 +7,8 @@ The zip is written as ``NAME.zip.part``, fsynced and renamed when complete.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import os
 import tempfile
@@ -16,7 +18,15 @@ from pathlib import Path
 
 from pydicom import Dataset
 
-from dicomvault.engine import ConflictPolicy, DicomvaultError, Item, Outcome, ReadAheadTarget, UsageError
+from dicomvault.engine import (
+    ConflictPolicy,
+    DicomvaultError,
+    Item,
+    Outcome,
+    ReadAheadTarget,
+    TargetError,
+    UsageError,
+)
 
 from . import convert
 from .target import (
@@ -90,7 +100,12 @@ class ZipTarget(ReadAheadTarget, _Base):
             return Outcome.REJECTED, why
         try:
             return self._put(item)
-        except (DicomvaultError, OSError):
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the zip is broken from here on: stop
+                raise TargetError(f"cannot write the zip file {self.final}: {exc.strerror}; nothing was "
+                                  "kept under that name") from exc
+            raise
+        except DicomvaultError:
             raise
         except Exception as exc:  # pydicom on a file it cannot convert or parse
             raise item_error(item, "cannot prepare it for DICOM media", exc) from exc
@@ -134,16 +149,21 @@ class ZipTarget(ReadAheadTarget, _Base):
                                      zipfile.ZIP_DEFLATED)
             self._zip().writestr(zipfile.ZipInfo(REPORT_NAME, self.stamp), self._report_bytes(),
                                  zipfile.ZIP_DEFLATED)
-            self._zip().close()
-            with open(self.part, "rb+") as fh:
-                os.fsync(fh.fileno())
+            try:
+                self._zip().close()
+                with open(self.part, "rb+") as fh:
+                    os.fsync(fh.fileno())
+            except OSError as exc:
+                raise TargetError(f"cannot write the zip file {self.final}: {exc.strerror or exc}; nothing "
+                                  "was kept under that name") from exc
             os.replace(self.part, self.final)
             self.zf = None
         finally:
             if self.builder is not None:
                 self.builder.close()
             if self.zf is not None:
-                self.zf.close()
+                with contextlib.suppress(OSError):  # a full disk fails the close again: the part goes anyway
+                    self.zf.close()
             self.part.unlink(missing_ok=True)
 
 

@@ -7,7 +7,7 @@ judged under the write lock: every writer holds it from publishing a file to
 committing the row that names it, so a file nothing names then will never be
 named. Staged files are written before the lock is taken, so they are judged
 by their name, which holds the host and process that wrote them
-(``in.HOST.PID.N``, see :class:`~.store.ContentStore`): only a process of this
+(``in.HOST.PID.STORE-N``, see :class:`~.store.ContentStore`): only a process of this
 host that no longer runs is known to be gone; other staged files go once they
 are a day old.
 """

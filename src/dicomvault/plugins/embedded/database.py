@@ -8,6 +8,7 @@ Layout of a database directory::
 """
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import threading
@@ -35,6 +36,7 @@ from dicomvault.engine import (
     Selection,
     SeriesRecord,
     StudyRecord,
+    TargetError,
     TreeNode,
     UsageError,
 )
@@ -47,6 +49,10 @@ COMMIT_EVERY_ITEMS = 500
 COMMIT_EVERY_SECONDS = 2.0
 OWN_NAMES = {"catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm", "catalog.sqlite-journal",
              "store", "tmp"}
+
+
+def _why(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 def now_iso() -> str:
@@ -362,6 +368,8 @@ class EmbeddedTarget:
         self._ids: dict[tuple[str, str], int] = {}
         self._local = threading.local()  # read connections for prepare() in worker threads
         self._readers: list[sqlite3.Connection] = []
+        self._publishing = ""  # the file being moved into the store right now
+        db.store.drop_staged(own=False, gone=True)  # what killed writers left: nobody else cleans it
         # An empty catalog (a restore into a new database) needs no look-ups ahead of the copy:
         # put_prepared still decides, under the write lock, whatever another process added since.
         self._catalog_was_empty = self.conn.execute("SELECT 1 FROM instances LIMIT 1").fetchone() is None
@@ -381,8 +389,14 @@ class EmbeddedTarget:
     def _commit(self) -> None:
         if not self._in_tx:
             return
-        self.db.store.make_durable([self.db.store.path_of(h) for h in self._new_files], self._dirs)
-        self.conn.execute("COMMIT")
+        failures: tuple[type[Exception], ...] = (OSError, *self.catalog_errors)
+        try:
+            self.db.store.make_durable([self.db.store.path_of(h) for h in self._new_files], self._dirs)
+            self.conn.execute("COMMIT")
+        except failures as exc:
+            self._rollback()
+            raise TargetError(f"{self.description}: a batch could not be committed ({_why(exc)}); it was "
+                              "rolled back, what was committed before stays") from exc
         self._in_tx = False
         self._pending = 0
         self._dirs.clear()
@@ -398,13 +412,18 @@ class EmbeddedTarget:
 
     def _rollback(self) -> None:
         if self._in_tx:
-            self.conn.execute("ROLLBACK")
             self._in_tx = False
+            try:
+                self.conn.execute("ROLLBACK")
+            except self.catalog_errors:
+                pass  # a failed COMMIT may have ended the transaction already
         # Files this run added go if nothing refers to them, checked under the write lock: another
         # writer may have found the same bytes already stored and be about to commit a row for them.
+        added = [*self._new_files, *([self._publishing] if self._publishing else [])]
+        self._publishing = ""
         try:
             with Transaction(self.conn):
-                for sha in self._new_files:
+                for sha in added:
                     if not self._referenced(sha):
                         self.db.store.remove(sha)
         except self.catalog_errors:
@@ -423,6 +442,9 @@ class EmbeddedTarget:
             else:
                 self._rollback()
         finally:
+            # The run is over, however it ended: no staged file of ours is wanted any more (an
+            # interrupt may have come between staging a copy and using or discarding it).
+            self.db.store.drop_staged()
             for conn in self._readers:
                 conn.close()
             self._readers.clear()
@@ -482,8 +504,15 @@ class EmbeddedTarget:
         return row[0] if row else None
 
     def _stage_verified(self, open_: Opener, expected: str, what: str) -> Staged:
-        with open_() as fh:
-            staged = self.db.store.stage(fh)
+        try:
+            with open_() as fh:
+                staged = self.db.store.stage(fh)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # only writing fails so: the copy, not the source; nothing more can be stored
+                raise TargetError(f"{self.description}: cannot store {what}: {exc.strerror}; "
+                                  "nothing more is stored") from exc
+            raise
         if expected and staged.sha256 != expected:
             staged.discard()
             raise DatabaseError(f"{what}: the bytes received do not match their SHA-256 "
@@ -491,10 +520,12 @@ class EmbeddedTarget:
         return staged
 
     def _publish(self, staged: Staged) -> None:
+        self._publishing = staged.sha256  # an interrupt between the rename and the note below
         final, added = self.db.store.publish(staged)
         self._dirs.add(final.parent)
         if added:
             self._new_files.append(staged.sha256)
+        self._publishing = ""
 
     def prepare(self, item: Item, policy: ConflictPolicy) -> Staged | None:
         """The heavy, order-free part of storing an item: copy its bytes into

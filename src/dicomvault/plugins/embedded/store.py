@@ -13,12 +13,15 @@ import ctypes
 import hashlib
 import itertools
 import os
+import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 from dicomvault.engine import writer_tag
+
+from .collect import staged_file_is_stale
 
 CHUNK = 1 << 20
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -45,8 +48,10 @@ class ContentStore:
         for d in (self.files, self.tmp):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._made: set[Path] = set()  # fan-out folders known to exist
-        # in.HOST.PID.N: whoever collects leftovers can tell whether the writer still runs
-        self._tmp_prefix = f"{self.tmp}{os.sep}in.{writer_tag()}."
+        # in.HOST.PID.STORE-N: whoever collects leftovers can tell whether the writer still runs,
+        # and this store can find its own (STORE tells two stores of one process apart)
+        self._own = f"in.{writer_tag()}.{secrets.token_hex(4)}-"
+        self._tmp_prefix = f"{self.tmp}{os.sep}{self._own}"
         self._counter = itertools.count()  # next() is atomic under the GIL: safe across threads
 
     def path_of(self, sha256: str) -> Path:
@@ -69,6 +74,27 @@ class ContentStore:
                 return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600), path
             except FileExistsError:
                 continue
+
+    def drop_staged(self, *, own: bool = True, gone: bool = False) -> int:
+        """Remove staged files: this store's own (``own``; call only when none
+        of them is still wanted: a run that ended, however it ended) and those
+        of writers that are gone (``gone``, see :mod:`.collect`). Returns how
+        many were removed."""
+        removed = 0
+        try:
+            entries = list(os.scandir(self.tmp))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            mine = own and entry.name.startswith(self._own)
+            if not mine and not (gone and staged_file_is_stale(entry.name, entry.stat().st_mtime)):
+                continue
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
 
     def stage(self, stream: BinaryIO) -> Staged:
         """Copy a stream into a private temporary file, hashing as it goes.
