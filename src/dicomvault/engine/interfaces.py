@@ -99,8 +99,11 @@ class Target(Protocol):
     in order, in the run loop's thread: decide and commit, same result as
     ``put_instance``) and ``discard(token)``. The run loop then prepares a
     bounded window of items ahead in worker threads (a source's batches,
-    see ``Source``, each in one worker); a ``prepare_threads`` attribute,
-    when set, says how many (a sender with N connections wants N).
+    see ``Source``, each in one worker); ``prepare_threads`` and
+    ``prepare_window`` attributes, when set, say how many workers and how
+    many items ahead (a sender with N connections wants N workers, and a
+    short window: what it prepared is already sent, and an interrupted run
+    reports only what was handed over).
 
     Optional, for honest dry runs: ``plan_attributes(attrs, policy)`` and
     ``plan_attachment(record, policy)`` return what the matching ``put_*``

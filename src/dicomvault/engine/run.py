@@ -101,6 +101,7 @@ def _hand_over(items: Iterable[Item | Rejected], target: Target, policy: Conflic
     # (item, its task, its place in the task's results); a task prepares one batch of items
     window: collections.deque[tuple[Item | Rejected, Future[list[object]] | None, int]] = collections.deque()
     threads = getattr(target, "prepare_threads", None) or PREPARE_THREADS
+    width = getattr(target, "prepare_window", None) or PREPARE_WINDOW
     pool = ThreadPoolExecutor(threads, thread_name_prefix="prepare")
     group: list[Item] = []  # the batch being gathered, not submitted yet
 
@@ -156,7 +157,7 @@ def _hand_over(items: Iterable[Item | Rejected], target: Target, policy: Conflic
                 group.append(it)
                 if it.batch is None:
                     submit()
-            while len(window) > PREPARE_WINDOW:
+            while len(window) > width:
                 yield settle()
         submit()
         while window:

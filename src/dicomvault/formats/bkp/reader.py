@@ -181,7 +181,7 @@ class BkpReader:
 
     def plan(self, blobs: Iterable[Blob]) -> None:
         """Announce the blobs about to be read, in order: the frames they need
-        are then decoded a little ahead, in a background thread (zstd
+        are then decoded a little ahead, in background threads (zstd
         releases the GIL), so readers rarely wait. Frames no planned blob
         needs are never read."""
         wanted: collections.Counter[int] = collections.Counter()

@@ -63,29 +63,24 @@ def _compress(raw: bytes | bytearray, level: int, cipher: FrameCipher | None = N
     return codec, payload, xxh3(payload)
 
 
-def remove_leftovers(final: Path) -> list[Path]:
+def remove_leftovers(final: Path) -> None:
     """Remove the temporary files that writers of ``final`` killed before the
     end left beside it (``.NAME.HOST.PID.RANDOM.part``, see
     :func:`~dicomvault.engine.writer_tag`): only those of a process of this
     host that no longer runs; a running export's file is never touched."""
-    removed: list[Path] = []
     prefix = f".{final.name}."
     try:
         entries = list(os.scandir(final.parent))
     except OSError:
-        return removed  # the writer's own open says what is wrong
+        return  # the writer's own open says what is wrong
     for entry in entries:
         name = entry.name
         if not (name.startswith(prefix) and name.endswith(".part")):
             continue
         tag = name[len(prefix):-len(".part")].rpartition(".")[0]  # drop the random part
         if writer_is_gone(tag) and entry.is_file(follow_symlinks=False):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
-                removed.append(Path(entry.path))
-            except FileNotFoundError:
-                pass
-    return removed
 
 
 def fsync_dir(path: Path) -> None:
@@ -170,12 +165,10 @@ class BkpWriter:
                 self._cut()
             want = min(READ_CHUNK, self.frame_size - self.fill)
             if readinto is not None:
-                with memoryview(self.buf) as whole:
-                    view = whole[self.fill:self.fill + want]
+                with memoryview(self.buf)[self.fill:self.fill + want] as view:
                     n = readinto(view) or 0
                     if n and tap is not None:
                         tap(view[:n])  # type: ignore[operator]
-                    view.release()
             else:
                 chunk = stream.read(want)
                 n = len(chunk)

@@ -230,6 +230,10 @@ class ParallelDicomTarget(DicomTarget):
     def prepare_threads(self) -> int:
         return len(self._all)  # one sending thread per association
 
+    @property
+    def prepare_window(self) -> int:
+        return 4 * len(self._all)  # sent ahead of the report: kept short
+
     def prepare(self, item: Item, policy: ConflictPolicy) -> Any:
         return self.put_instance(item, policy)
 

@@ -13,6 +13,7 @@ are a day old.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -47,6 +48,25 @@ def staged_file_is_stale(name: str, mtime: float, *, now: float | None = None) -
     return (now or time.time()) - mtime > STALE_AFTER
 
 
+def stale_staged(staging: Path, own_prefix: str = "") -> list[tuple[str, int]]:
+    """(path, size) of the staged files that belong to no running writer, and
+    of those whose name starts with ``own_prefix`` (a writer's own, when it
+    knows it wants none of them any more)."""
+    found: list[tuple[str, int]] = []
+    try:
+        entries = list(os.scandir(staging))
+    except FileNotFoundError:
+        return found
+    for entry in entries:
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        st = entry.stat(follow_symlinks=False)
+        mine = bool(own_prefix) and entry.name.startswith(own_prefix)
+        if mine or staged_file_is_stale(entry.name, st.st_mtime):
+            found.append((entry.path, st.st_size))
+    return found
+
+
 def collect(write_lock: AbstractContextManager[Any], store_root: Path, staging: Path, *,
             dry_run: bool = False) -> Collected:
     """Remove (or count, with ``dry_run``) unreferenced store files and stale
@@ -66,20 +86,14 @@ def collect(write_lock: AbstractContextManager[Any], store_root: Path, staging: 
                 out.store_bytes += entry.stat(follow_symlinks=False).st_size
                 if not dry_run:
                     _unlink(entry.path)
-    for entry in os.scandir(staging):
-        if not entry.is_file(follow_symlinks=False):
-            continue
-        st = entry.stat(follow_symlinks=False)
-        if staged_file_is_stale(entry.name, st.st_mtime):
-            out.staged_files += 1
-            out.staged_bytes += st.st_size
-            if not dry_run:
-                _unlink(entry.path)
+    for path, size in stale_staged(staging):
+        out.staged_files += 1
+        out.staged_bytes += size
+        if not dry_run:
+            _unlink(path)
     return out
 
 
 def _unlink(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

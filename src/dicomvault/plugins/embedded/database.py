@@ -369,7 +369,7 @@ class EmbeddedTarget:
         self._local = threading.local()  # read connections for prepare() in worker threads
         self._readers: list[sqlite3.Connection] = []
         self._publishing = ""  # the file being moved into the store right now
-        db.store.drop_staged(own=False, gone=True)  # what killed writers left: nobody else cleans it
+        db.store.drop_staged(own=False)  # what killed writers left: nobody else cleans it
         # An empty catalog (a restore into a new database) needs no look-ups ahead of the copy:
         # put_prepared still decides, under the write lock, whatever another process added since.
         self._catalog_was_empty = self.conn.execute("SELECT 1 FROM instances LIMIT 1").fetchone() is None

@@ -9,6 +9,7 @@ commit that refers to it.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import itertools
@@ -21,7 +22,7 @@ from typing import BinaryIO
 
 from dicomvault.engine import writer_tag
 
-from .collect import staged_file_is_stale
+from .collect import stale_staged
 
 CHUNK = 1 << 20
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -75,26 +76,15 @@ class ContentStore:
             except FileExistsError:
                 continue
 
-    def drop_staged(self, *, own: bool = True, gone: bool = False) -> int:
-        """Remove staged files: this store's own (``own``; call only when none
-        of them is still wanted: a run that ended, however it ended) and those
-        of writers that are gone (``gone``, see :mod:`.collect`). Returns how
-        many were removed."""
-        removed = 0
-        try:
-            entries = list(os.scandir(self.tmp))
-        except FileNotFoundError:
-            return 0
-        for entry in entries:
-            mine = own and entry.name.startswith(self._own)
-            if not mine and not (gone and staged_file_is_stale(entry.name, entry.stat().st_mtime)):
-                continue
-            try:
-                os.unlink(entry.path)
-                removed += 1
-            except FileNotFoundError:
-                pass
-        return removed
+    def drop_staged(self, *, own: bool = True) -> int:
+        """Remove the staged files of writers that are gone (see :mod:`.collect`)
+        and, with ``own``, this store's own (only when none is still wanted: a
+        run that ended, however it ended). Returns how many were removed."""
+        found = stale_staged(self.tmp, self._own if own else "")
+        for path, _size in found:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        return len(found)
 
     def stage(self, stream: BinaryIO) -> Staged:
         """Copy a stream into a private temporary file, hashing as it goes.
