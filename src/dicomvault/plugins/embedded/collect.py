@@ -58,9 +58,12 @@ def stale_staged(staging: Path, own_prefix: str = "") -> list[tuple[str, int]]:
     except FileNotFoundError:
         return found
     for entry in entries:
-        if not entry.is_file(follow_symlinks=False):
-            continue
-        st = entry.stat(follow_symlinks=False)
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # another writer's copy, published (renamed away) since the listing
         mine = bool(own_prefix) and entry.name.startswith(own_prefix)
         if mine or staged_file_is_stale(entry.name, st.st_mtime):
             found.append((entry.path, st.st_size))
