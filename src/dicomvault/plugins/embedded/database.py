@@ -377,8 +377,13 @@ class EmbeddedTarget:
     # ------------------------------------------------------------ batching
     def _begin(self) -> None:
         if not self._in_tx:
-            self.conn.execute("BEGIN IMMEDIATE")
+            # Noted before it is taken: an interrupt right after BEGIN must still roll it back.
             self._in_tx = True
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self._in_tx = False
+                raise
             self._since = time.monotonic()
 
     def _maybe_commit(self) -> None:
