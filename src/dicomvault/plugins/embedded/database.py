@@ -180,8 +180,8 @@ class EmbeddedDatabase:
         # published while another writer checks whether it is still referenced, to remove it.
         try:
             with Transaction(self.conn):
-                final, _ = self.store.publish(staged)
-                self.store.make_durable([final], {final.parent})
+                self.store.publish(staged)
+                self.store.make_durable([staged.sha256], {self.store.dir_of(staged.sha256)})
                 self.conn.execute(f"INSERT INTO attachments ({cat.ATTACHMENT_COLS}) VALUES "
                                   "(?,?,?,?,?,?,?,?)", _attachment_row(rec))
         finally:
@@ -364,7 +364,7 @@ class EmbeddedTarget:
         self._since = time.monotonic()
         self._new_files: list[str] = []  # added to the store in the open batch
         self._drop_after_commit: list[str] = []  # replaced by an overwrite
-        self._dirs: set[Path] = set()
+        self._dirs: set[str] = set()
         self._ids: dict[tuple[str, str], int] = {}
         self._local = threading.local()  # read connections for prepare() in worker threads
         self._readers: list[sqlite3.Connection] = []
@@ -396,7 +396,7 @@ class EmbeddedTarget:
             return
         failures: tuple[type[Exception], ...] = (OSError, *self.catalog_errors)
         try:
-            self.db.store.make_durable([self.db.store.path_of(h) for h in self._new_files], self._dirs)
+            self.db.store.make_durable(self._new_files, self._dirs)
             self.conn.execute("COMMIT")
         except failures as exc:
             self._rollback()
@@ -526,8 +526,8 @@ class EmbeddedTarget:
 
     def _publish(self, staged: Staged) -> None:
         self._publishing = staged.sha256  # an interrupt between the rename and the note below
-        final, added = self.db.store.publish(staged)
-        self._dirs.add(final.parent)
+        added = self.db.store.publish(staged)
+        self._dirs.add(self.db.store.dir_of(staged.sha256))
         if added:
             self._new_files.append(staged.sha256)
         self._publishing = ""

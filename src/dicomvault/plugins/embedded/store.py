@@ -48,18 +48,24 @@ class ContentStore:
         self.tmp = root / "tmp"
         for d in (self.files, self.tmp):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._made: set[Path] = set()  # fan-out folders known to exist
+        self._made: set[str] = set()  # fan-out folders known to exist
+        # Store paths are built as strings: pathlib costs more than the rename itself, and
+        # every stored file is named once per restore, in the run loop's thread.
+        self._files = os.fspath(self.files)
         # in.HOST.PID.STORE-N: whoever collects leftovers can tell whether the writer still runs,
         # and this store can find its own (STORE tells two stores of one process apart)
         self._own = f"in.{writer_tag()}.{secrets.token_hex(4)}-"
         self._tmp_prefix = f"{self.tmp}{os.sep}{self._own}"
         self._counter = itertools.count()  # next() is atomic under the GIL: safe across threads
 
-    def path_of(self, sha256: str) -> Path:
-        return self.files / sha256[:2] / sha256  # 256 folders: few mkdirs, small enough dirs
+    def dir_of(self, sha256: str) -> str:
+        return f"{self._files}{os.sep}{sha256[:2]}"  # 256 folders: few mkdirs, small enough dirs
+
+    def path_of(self, sha256: str) -> str:
+        return f"{self._files}{os.sep}{sha256[:2]}{os.sep}{sha256}"
 
     def exists(self, sha256: str) -> bool:
-        return self.path_of(sha256).exists()
+        return os.path.exists(self.path_of(sha256))
 
     def open(self, sha256: str) -> BinaryIO:
         return open(self.path_of(sha256), "rb")
@@ -110,31 +116,35 @@ class ContentStore:
             raise
         return Staged(path, digest.hexdigest(), size)
 
-    def publish(self, staged: Staged) -> tuple[Path, bool]:
-        """Move a staged file to its final name; returns (path, newly added)."""
+    def publish(self, staged: Staged) -> bool:
+        """Move a staged file to its final name (:meth:`path_of`); returns
+        whether it was newly added (False: the same bytes were there)."""
         final = self.path_of(staged.sha256)
-        if final.exists():
+        if os.path.exists(final):
             staged.discard()
-            return final, False
-        if final.parent not in self._made:
-            final.parent.mkdir(mode=0o700, exist_ok=True)
-            self._made.add(final.parent)
+            return False
+        folder = self.dir_of(staged.sha256)
+        if folder not in self._made:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(folder, 0o700)
+            self._made.add(folder)
         os.replace(staged.path, final)
-        return final, True
+        return True
 
     def remove(self, sha256: str) -> None:
         try:
-            self.path_of(sha256).unlink()
+            os.unlink(self.path_of(sha256))
         except FileNotFoundError:
             pass
 
-    def make_durable(self, files: list[Path], dirs: set[Path]) -> None:
-        """Make published files and their directory entries durable.
+    def make_durable(self, hashes: list[str], dirs: set[str]) -> None:
+        """Make published files (by their SHA-256) and their directory entries
+        durable.
 
         On Linux one ``syncfs`` covers the whole batch; elsewhere each file
         and directory is fsynced.
         """
-        if not files and not dirs:
+        if not hashes and not dirs:
             return
         if _syncfs is not None:
             fd = os.open(self.files, os.O_RDONLY)
@@ -143,7 +153,7 @@ class ContentStore:
                     return
             finally:
                 os.close(fd)
-        for path in [*files, *dirs]:
+        for path in [*map(self.path_of, hashes), *dirs]:
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
