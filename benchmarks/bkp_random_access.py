@@ -138,9 +138,7 @@ def timed_extract(path: Path, series_uid: str, mode: str) -> tuple[float, int]:
     started = time.perf_counter()
     r = BkpReader(path)
     try:
-        for e in sorted(r.manifest.instances, key=lambda e: e.blob.offset):
-            if e.record.series_uid != series_uid:
-                continue
+        for e in sorted(r.iter_instances({series_uid}), key=lambda e: e.blob.offset):
             digest = hashlib.sha256()
             with r.open_blob(e.blob) as fh:
                 while chunk := fh.read(1 << 20):
@@ -167,7 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         one = series[len(series) // 2]
         r = BkpReader(bkp)
         try:
-            chosen = [e for e in r.manifest.instances if e.record.series_uid == one]
+            chosen = list(r.iter_instances({one}))
         finally:
             r.close()
         series_bytes = sum(e.blob.length for e in chosen)

@@ -87,7 +87,7 @@ def test_bkp_reader_format_only(benchmark: Any, backup: Backup) -> None:
         r = BkpReader(backup.path)
         total = 0
         try:
-            for entry in sorted(r.manifest.instances, key=lambda e: e.blob.offset):
+            for entry in sorted(r.iter_instances(), key=lambda e: e.blob.offset):
                 with r.open_blob(entry.blob) as fh:
                     while chunk := fh.read(1 << 20):
                         total += len(chunk)

@@ -60,7 +60,7 @@ def read_everything(path: Path) -> None:
     reader = BkpReader(path)
     try:
         m = reader.manifest
-        blobs = [(e.blob, e.record.sha256) for e in m.instances] + \
+        blobs = [(e.blob, e.record.sha256) for e in reader.iter_instances()] + \
                 [(e.blob, e.record.sha256) for e in m.attachments]
         for blob, sha in blobs:
             digest = hashlib.sha256()

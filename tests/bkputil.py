@@ -6,7 +6,7 @@ import msgspec
 import zstandard
 
 from dicomvault.formats.bkp.layout import FRAME, FRAME_MANIFEST, pack_footer, pack_frame_header, xxh3
-from dicomvault.formats.bkp.manifest import AttachmentEntry, InstanceEntry, Manifest
+from dicomvault.formats.bkp.manifest import FEATURE_PAGES, AttachmentEntry, InstanceEntry, Manifest
 from dicomvault.formats.bkp.reader import BkpReader
 from dicomvault.formats.bkp.writer import BkpWriter
 
@@ -20,14 +20,18 @@ def repack(src, dst, *, frame_size: int = 64 << 10, passphrase=None, kdf_log2_n=
         writer = BkpWriter(dst, writer="dicomvault tests (repack)", frame_size=frame_size,
                            passphrase=passphrase, kdf_log2_n=kdf_log2_n)
         instances, attachments = [], []
-        for e in sorted(m.instances, key=lambda e: e.blob.offset):
+        for e in sorted(reader.iter_instances(), key=lambda e: e.blob.offset):
             with reader.open_blob(e.blob) as fh:
                 instances.append(InstanceEntry(e.record, writer.add_blob(fh)))
         for a in m.attachments:
             with reader.open_blob(a.blob) as fh:
                 attachments.append(AttachmentEntry(a.record, writer.add_blob(fh)))
+        # every instance in the manifest: a repacked file has no pages (the writer adds them back
+        # only when it writes them)
         new = msgspec.structs.replace(m, frames=[], instances=instances, attachments=attachments,
-                                      created="")
+                                      created="", pages=msgspec.UNSET,
+                                      required_features=[f for f in m.required_features
+                                                         if f != FEATURE_PAGES])
         assert isinstance(new, Manifest)
         return writer.finish(new)
     finally:

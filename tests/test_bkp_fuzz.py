@@ -42,6 +42,8 @@ def goldens(tmp_path_factory: pytest.TempPathFactory, pydicom_files: Path) -> li
         assert main(["-q", "--db", str(db), "import-dicom", str(pydicom_files / "rtplan.dcm")]) == 0
         assert main(["-q", "--db", str(db), "export-db", str(root / "cli.bkp"), "--whole"]) == 0
     files.append(root / "cli.bkp")
+    # and one with manifest pages (format 1.1): the mutations reach the page frames and index
+    files.append(Path(__file__).resolve().parent / "golden" / "bkp" / "v1" / "paged.bkp")
     for f in files:
         BkpReader(f).close()
         assert f.stat().st_size < 64 << 10

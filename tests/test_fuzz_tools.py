@@ -18,11 +18,11 @@ from dicomvault.formats.bkp.salvage import salvage
 from dicomvault.formats.bkp.validate import validate, verify
 
 V1 = Path(__file__).resolve().parent / "golden" / "bkp" / "v1"
-SOURCES = ["basic.bkp", "newer-minor.bkp", "empty.bkp"]
+SOURCES = ["basic.bkp", "newer-minor.bkp", "empty.bkp", "paged.bkp"]
 ORIGINAL: dict[str, str] = {}
-for _name in ("basic.bkp",):
+for _name in ("basic.bkp", "paged.bkp"):
     _r = BkpReader(V1 / _name)
-    ORIGINAL.update({e.record.sop_uid: e.record.sha256 for e in _r.manifest.instances})
+    ORIGINAL.update({e.record.sop_uid: e.record.sha256 for e in _r.iter_instances()})
     _r.close()
 
 
@@ -76,7 +76,7 @@ def test_validate_and_verify_never_raise(tmp_path_factory: pytest.TempPathFactor
         if result.valid and result.check == "verify":  # whatever verify calls valid really reads
             reader = BkpReader(path)
             try:
-                for e in reader.manifest.instances:
+                for e in reader.iter_instances():
                     with reader.open_blob(e.blob) as fh:
                         assert hashlib.sha256(fh.read()).hexdigest() == e.record.sha256
             finally:
@@ -101,7 +101,7 @@ def test_salvage_recovers_only_true_copies(tmp_path_factory: pytest.TempPathFact
     assert verify(out).valid
     reader = BkpReader(out)
     try:
-        rescued = {e.record.sop_uid: e.record.sha256 for e in reader.manifest.instances}
+        rescued = {e.record.sop_uid: e.record.sha256 for e in reader.iter_instances()}
     finally:
         reader.close()
     assert result.instances_recovered == len(rescued)

@@ -33,9 +33,13 @@ def _expected(path: Path) -> dict:
     return json.loads(path.with_suffix(".expected.json").read_text(encoding="utf-8"))
 
 
+SPEC_READER_FEATURES = {"manifest-pages"}  # required features the independent reader implements
+
+
 def _beyond_the_spec_reader(exp: dict) -> bool:
-    """Files with features the independent 1.0 reader does not implement (it must refuse them)."""
-    return "passphrase" in exp or bool(exp["required_features"])
+    """Files with features the independent reader does not implement (it must refuse them):
+    encryption and volume sets; it does read manifest pages (format 1.1)."""
+    return "passphrase" in exp or bool(set(exp["required_features"]) - SPEC_READER_FEATURES)
 
 
 def test_golden_files_are_unchanged_and_all_listed() -> None:
@@ -60,9 +64,10 @@ def test_reader_lists_and_extracts_exactly_the_expected_contents(name: str) -> N
         assert m.optional_features == exp["optional_features"]
         for key in ("patients", "studies", "series", "attributes"):
             assert msgspec.to_builtins(getattr(m, key)) == exp[key], key
-        assert [msgspec.to_builtins(e.record) for e in m.instances] == exp["instances"]
+        instances = list(reader.iter_instances())  # the manifest's own, then every page's
+        assert [msgspec.to_builtins(e.record) for e in instances] == exp["instances"]
         assert [msgspec.to_builtins(e.record) for e in m.attachments] == exp["attachments"]
-        for e in [*m.instances, *m.attachments]:
+        for e in [*instances, *m.attachments]:
             with reader.open_blob(e.blob) as fh:
                 data = fh.read()
             assert len(data) == e.record.size
@@ -74,14 +79,16 @@ def test_reader_lists_and_extracts_exactly_the_expected_contents(name: str) -> N
 @pytest.mark.parametrize("name", POSITIVE)
 def test_independent_spec_reader_lists_and_extracts_them(name: str) -> None:
     exp = _expected(V1 / name)
-    if _beyond_the_spec_reader(exp):  # encryption, volumes: the 1.0-era reader must refuse them
+    if _beyond_the_spec_reader(exp):  # encryption, volumes: the independent reader must refuse them
         with pytest.raises(SpecError):
             SpecReader(V1 / name).close()
         return
     with SpecReader(V1 / name) as r:
-        sop_uids = [e["record"]["sop_uid"] for e in r.manifest["instances"]]
-        assert sop_uids == [i["sop_uid"] for i in exp["instances"]]
-        for e in [*r.manifest["instances"], *r.manifest["attachments"]]:
+        instances = r.instances()  # the manifest's own, then every page's (SPEC.md section 10.4)
+        for e, want in zip(instances, exp["instances"], strict=True):  # unknown keys ignored (section 9)
+            assert {k: e["record"][k] for k in want} == want
+        assert len(r.pages_read) == len(r.manifest.get("pages", []))
+        for e in [*instances, *r.manifest["attachments"]]:
             data = r.extract(e["blob"])
             assert hashlib.sha256(data).hexdigest() == e["record"]["sha256"]
 
@@ -173,7 +180,7 @@ def test_negative_files_fail_with_their_own_error(name: str) -> None:
     assert not validate(path).valid or not verify(path).valid
     with pytest.raises(SpecError):  # the independent reader refuses them too
         with SpecReader(path) as r:
-            for e in [*r.manifest["instances"], *r.manifest["attachments"]]:
+            for e in [*r.instances(), *r.manifest["attachments"]]:
                 r.extract(e["blob"])
 
 

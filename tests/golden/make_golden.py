@@ -14,6 +14,7 @@ contain. ``SHA256SUMS`` lists every file; a test holds them to it.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -105,7 +106,7 @@ def expected(path: Path, passphrase: str | None = None) -> dict:
             "required_features": m.required_features, "optional_features": m.optional_features,
             "patients": msgspec.to_builtins(m.patients), "studies": msgspec.to_builtins(m.studies),
             "series": msgspec.to_builtins(m.series),
-            "instances": [msgspec.to_builtins(e.record) for e in m.instances],
+            "instances": [msgspec.to_builtins(e.record) for e in reader.iter_instances()],
             "attributes": msgspec.to_builtins(m.attributes),
             "attachments": [msgspec.to_builtins(e.record) for e in m.attachments],
         }
@@ -113,7 +114,7 @@ def expected(path: Path, passphrase: str | None = None) -> dict:
             out["volume"] = {"index": m.volume.index, "last": m.volume.last}
         if passphrase is not None:
             out["passphrase"] = passphrase
-        for e in [*m.instances, *m.attachments]:
+        for e in [*reader.iter_instances(), *m.attachments]:
             with reader.open_blob(e.blob) as fh:
                 assert hashlib.sha256(fh.read()).hexdigest() == e.record.sha256
     finally:
@@ -149,6 +150,25 @@ def make_volumes(basic: Path, work: Path) -> list[Path]:
     assert dicomvault_main(["--db", str(db), "-q", "export-db", str(folder / "set.bkp"), "--whole",
                             "--volume-size", "8K"]) == 0
     return sorted(folder.glob("set.*.bkp"))
+
+
+def make_paged(basic: Path, work: Path) -> Path:
+    """``basic`` restored and exported again with manifest pages (format 1.1,
+    SPEC.md section 8.7): pages of 5 entries, so its 24 instances make four
+    pages and four entries stay in the manifest; 4 KiB frames (the pages
+    happen to be written before the first data frame leaves the
+    compressors)."""
+    db = work / "pageddb"
+    cli(db, "import-db", basic)
+    from dicomvault.cli.main import main as dicomvault_main
+    from dicomvault.plugins import bkp_plugin
+
+    bkp_plugin.PAGE_ENTRIES = 5
+    bkp_plugin.BkpWriter = functools.partial(bkp_plugin.BkpWriter, frame_size=4096)  # type: ignore[misc]
+    os.environ["DICOMVAULT_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    out = work / "paged.bkp"
+    assert dicomvault_main(["--db", str(db), "-q", "export-db", str(out), "--whole"]) == 0
+    return out
 
 
 def make_basic(work: Path) -> Path:
@@ -297,6 +317,10 @@ def main() -> None:
             for vol in make_volumes(basic, work):
                 os.replace(vol, vols / vol.name)
                 write_expected(vols / vol.name)
+        paged = V1 / "paged.bkp"
+        if not paged.exists():
+            os.replace(make_paged(basic, work), paged)
+            write_expected(paged)
         make_negatives(basic)
     sums = V1 / "SHA256SUMS"  # append-only: a test fails when a released golden file changes
     known = sums.read_text().splitlines() if sums.exists() else []

@@ -31,6 +31,7 @@ from dicomvault.engine import (
     hookimpl,
 )
 from dicomvault.formats.bkp.manifest import AttachmentEntry, Blob, InstanceEntry, Manifest
+from dicomvault.formats.bkp.reader import BkpReader
 from dicomvault.formats.bkp.volumes import (
     OpenVolume,
     Part,
@@ -48,6 +49,8 @@ from dicomvault.formats.bkp.writer import BkpWriter
 # run loop's workers can lag behind the source (its window of 256 items plus a batch), so that
 # no worker still needs the volume, which would reopen it for every late item.
 RELEASE_AFTER = 1024
+# Instance entries per page of the manifest (SPEC.md "Manifest pages"): about 0.5 MB encoded.
+PAGE_ENTRIES = 1024
 
 
 def _path(url: str) -> str:
@@ -60,7 +63,11 @@ def _is_bkp(url: str) -> bool:
 
 class BkpSource:
     """A .bkp file, or a whole volume set (any of its volumes, or NAME.bkp
-    for NAME.001.bkp...), checked complete before anything is read."""
+    for NAME.001.bkp...), checked complete before anything is read.
+
+    Instance entries are never all held at once: a file of version 1.1 keeps
+    them in pages (SPEC.md "Manifest pages"), read one at a time while the
+    restore goes on, so memory does not grow with the number of instances."""
 
     def __init__(self, path: str, passphrase: str | None = None) -> None:
         self.parts = open_backup(path, passphrase)
@@ -69,11 +76,9 @@ class BkpSource:
         self.patients: dict[str, PatientRecord] = {}
         self.studies: dict[str, StudyRecord] = {}
         self.series: dict[str, SeriesRecord] = {}
-        # (part, entry) in volume order; a volume's records are copies of the others' where they overlap
-        self.entries: list[tuple[Part, InstanceEntry]] = []
         self.attribute_list: dict[tuple[str, str], Attributes] = {}
         self.attachment_list: dict[str, tuple[Part, AttachmentEntry]] = {}
-        seen: set[str] = set()
+        # a volume's records are copies of the others' where they overlap
         for part in self.parts:
             m = part.manifest
             for p in m.patients:
@@ -82,10 +87,6 @@ class BkpSource:
                 self.studies.setdefault(st.study_uid, st)
             for se in m.series:
                 self.series.setdefault(se.series_uid, se)
-            for e in m.instances:
-                if e.record.sop_uid not in seen:
-                    seen.add(e.record.sop_uid)
-                    self.entries.append((part, e))
             for a in m.attributes:
                 self.attribute_list.setdefault((a.level, a.uid), a)
             for ae in m.attachments:
@@ -110,48 +111,58 @@ class BkpSource:
                 owners["series"].add(h[2].series_uid)
         return owners
 
-    def _selected_entries(self, selection: Selection) -> list[tuple[Part, InstanceEntry]]:
-        wanted = self._owners(selection)["series"]
-        return [(part, e) for part, e in self.entries if e.record.series_uid in wanted]
+    def _chunks(self, part: Part, series: set[str] | None) -> Iterator[list[InstanceEntry]]:
+        """A file's entries a list at a time, each in payload order, so frames
+        are read front to back (the writer appends in entry order; a file
+        written otherwise is still read right, only less smoothly)."""
+        for chunk in part.instance_chunks(series):
+            chunk.sort(key=lambda e: e.blob.offset)
+            yield chunk
 
     def instances(self, selection: Selection) -> Iterator[Item | Rejected]:
-        if selection.whole:
-            # Instances that no selection can reach: their series, study or patient record is
-            # missing from the file. Said once each, rather than silently left behind.
-            for _part, entry in self.entries:
-                if self._hierarchy(entry.record.series_uid) is None:
-                    yield Rejected(f"instance {entry.record.sop_uid}", "its series, study or patient "
-                                   "record is missing from the backup; not restored")
-        # In volume and payload order, so frames are read once each, front to back, decoded a
-        # little ahead (each volume's reader is told its share of the blobs: Part.plan).
-        order = {id(part): i for i, part in enumerate(self.parts)}
-        entries = sorted(self._selected_entries(selection),
-                         key=lambda pe: (order[id(pe[0])], pe[1].blob.offset))
-        planned: dict[int, list[Blob]] = {}
-        for part, entry in entries:
-            planned.setdefault(id(part), []).append(entry.blob)
+        # Everything, when the whole backup is asked for: instances that no selection can reach
+        # (their series, study or patient record is missing) are then said once each, rather
+        # than silently left behind.
+        wanted = None if selection.whole else self._owners(selection)["series"]
+        # Each file's reader is told its share of the blobs, to decode frames a little ahead.
+        def blobs(reader: BkpReader) -> Iterator[Blob]:
+            for chunk in reader.instance_chunks(wanted):
+                yield from (e.blob for e in sorted(chunk, key=lambda e: e.blob.offset))
+
         for part in self.parts:
-            part.plan(planned.get(id(part), []))
+            part.plan(blobs)
         # Volumes left behind, closed once the restore is well past them: a target may still
         # be reading the last few items of a volume in worker threads a while after they were
         # handed out (see Part.release).
-        starts = {id(part): [f.stream_offset for f in part.manifest.frames] for part in self.parts}
         behind: list[tuple[int, Part]] = []
-        previous: Part | None = None
-        for n, (part, entry) in enumerate(entries):
-            if previous is not None and part is not previous:
-                behind.append((n, previous))
-            while behind and behind[0][0] < n - RELEASE_AFTER:
-                behind.pop(0)[1].release()
-            previous = part
-            h = self._hierarchy(entry.record.series_uid)
-            assert h is not None
-            batch = (order[id(part)], bisect.bisect_right(starts[id(part)], entry.blob.offset))
-            yield Item(entry.record, h[2], h[1], h[0], self._opener(part, entry.blob), batch=batch)
+        n = 0
+        for index, part in enumerate(self.parts):
+            starts = [f.stream_offset for f in part.manifest.frames]
+            for chunk in self._chunks(part, wanted):
+                for entry in chunk:
+                    h = self._hierarchy(entry.record.series_uid)
+                    if h is None:
+                        yield Rejected(f"instance {entry.record.sop_uid}", "its series, study or patient "
+                                       "record is missing from the backup; not restored")
+                        continue
+                    n += 1
+                    while behind and behind[0][0] < n - RELEASE_AFTER:
+                        behind.pop(0)[1].release()
+                    batch = (index, bisect.bisect_right(starts, entry.blob.offset))
+                    yield Item(entry.record, h[2], h[1], h[0], self._opener(part, entry.blob), batch=batch)
+            behind.append((n, part))
 
     def attributes(self, selection: Selection) -> Iterator[Attributes]:
         owners = self._owners(selection)
-        owners["instance"] = {e.record.sop_uid for _p, e in self._selected_entries(selection)}
+        # Attributes of single instances are rare: only for those, learn which instances the
+        # selection holds (a pass over the entries, not a set of all of them).
+        of_instances = {a.uid for a in self.attribute_list.values() if a.level == "instance"}
+        if of_instances:
+            wanted = None if selection.whole else owners["series"]
+            owners["instance"] = {e.record.sop_uid for part in self.parts
+                                  for chunk in part.instance_chunks(wanted) for e in chunk
+                                  if e.record.sop_uid in of_instances
+                                  and self._hierarchy(e.record.series_uid) is not None}
         for attrs in self.attribute_list.values():
             if attrs.uid in owners.get(attrs.level, ()):
                 yield attrs
@@ -179,13 +190,22 @@ class BkpTarget(ReadAheadTarget):
         self.patients: dict[str, PatientRecord] = {}
         self.studies: dict[str, StudyRecord] = {}
         self.series: dict[str, SeriesRecord] = {}
-        self.instances: dict[str, InstanceEntry] = {}
+        # Instance entries wait here until a page is full, then go into the file as a page frame
+        # (SPEC.md "Manifest pages"): memory holds one page, whatever the number of instances.
+        self.page: dict[str, InstanceEntry] = {}
+        self.paged: set[int] = set()  # hash() of the SOP UIDs written out: a cheap "not there"
         self.attributes: dict[tuple[str, str], Attributes] = {}
         self.attachments: dict[str, AttachmentEntry] = {}
 
     def lookup(self, sop_uid: str) -> str | None:
-        entry = self.instances.get(sop_uid)
-        return entry.record.sha256 if entry else None
+        entry = self.page.get(sop_uid)
+        if entry is not None:
+            return entry.record.sha256
+        if hash(sop_uid) in self.paged:  # rare: the same UID twice in a selection (or a hash collision)
+            for e in self.writer.written_entries():
+                if e.record.sop_uid == sop_uid:
+                    return e.record.sha256
+        return None
 
     def _write(self, open_: Opener, expected: str, what: str) -> tuple[Blob | None, str, int]:
         digest = hashlib.sha256()
@@ -206,7 +226,11 @@ class BkpTarget(ReadAheadTarget):
         if blob is None:
             return Outcome.FAILED, sha_or_reason
         record = msgspec.structs.replace(rec, sha256=sha_or_reason, size=size)
-        self.instances[rec.sop_uid] = InstanceEntry(record, blob)  # type: ignore[arg-type]
+        self.page[rec.sop_uid] = InstanceEntry(record, blob)  # type: ignore[arg-type]
+        if len(self.page) >= PAGE_ENTRIES:
+            self.writer.add_page(list(self.page.values()))
+            self.paged.update(map(hash, self.page))
+            self.page = {}
         self.patients.setdefault(item.patient.key, item.patient)
         self.studies.setdefault(item.study.study_uid, item.study)
         self.series.setdefault(item.series.series_uid, item.series)
@@ -221,7 +245,7 @@ class BkpTarget(ReadAheadTarget):
             return uid in self.studies
         if level == "series":
             return uid in self.series
-        return level == "instance" and uid in self.instances
+        return level == "instance" and self.lookup(uid) is not None
 
     def put_attributes(self, attrs: Attributes, policy: ConflictPolicy) -> tuple[Outcome, str]:
         if not self._holds(attrs.level, attrs.uid):
@@ -247,7 +271,7 @@ class BkpTarget(ReadAheadTarget):
             return
         manifest = Manifest(major=0, minor=0, writer="", created="",
                             patients=list(self.patients.values()), studies=list(self.studies.values()),
-                            series=list(self.series.values()), instances=list(self.instances.values()),
+                            series=list(self.series.values()), instances=list(self.page.values()),
                             attributes=list(self.attributes.values()),
                             attachments=list(self.attachments.values()))
         try:

@@ -21,7 +21,7 @@ from dicomvault.engine import (
 )
 
 MAJOR = 1
-MINOR = 0
+MINOR = 1  # the newest minor version this release reads and writes (1.1: manifest pages)
 
 HEADER_MAGIC = b"\x89DVBKP\r\n"  # high bit, CR LF: catches 7-bit and text-mode damage
 FRAME_MAGIC = b"DVFR"
@@ -35,6 +35,8 @@ assert HEADER.size == 64 and FRAME.size == 48 and FOOTER.size == 64
 FRAME_DATA = 1
 FRAME_MANIFEST = 2
 FRAME_KEY = 3  # key parameters of an encrypted file, right after the header (SPEC.md section 17)
+FRAME_PAGE = 4  # a page of the manifest's instance entries (1.1, SPEC.md section "Manifest pages")
+PAGE_SEQ_BASE = 1 << 63  # page frame k has seq PAGE_SEQ_BASE + k: never a data frame's seq (nonces)
 CODEC_NONE = 0
 CODEC_ZSTD = 1
 KNOWN_CODECS = (CODEC_NONE, CODEC_ZSTD)
@@ -63,8 +65,9 @@ def xxh3(data: bytes | bytearray | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
-def pack_header(file_id: bytes, created: int, flags: int = 0) -> bytes:
-    body = HEADER.pack(HEADER_MAGIC, MAJOR, MINOR, flags, file_id, created, bytes(16), 0)[:56]
+def pack_header(file_id: bytes, created: int, flags: int = 0, minor: int = 0) -> bytes:
+    """Writers write the lowest minor version that expresses the file (SPEC.md section 9)."""
+    body = HEADER.pack(HEADER_MAGIC, MAJOR, minor, flags, file_id, created, bytes(16), 0)[:56]
     return body + struct.pack("<Q", xxh3(body))
 
 

@@ -22,7 +22,8 @@ from dicomvault.engine import (
 # required_features is refused with a message naming it.
 FEATURE_ENCRYPTION = "aes-256-gcm"  # frames and manifest sealed with AES-256-GCM (SPEC.md section 17)
 FEATURE_VOLUMES = "volumes"  # the file is one volume of a set (SPEC.md section 18; see volumes.py)
-KNOWN_FEATURES: frozenset[str] = frozenset({FEATURE_ENCRYPTION, FEATURE_VOLUMES})
+FEATURE_PAGES = "manifest-pages"  # instance entries in page frames (1.1, SPEC.md section "Manifest pages")
+KNOWN_FEATURES: frozenset[str] = frozenset({FEATURE_ENCRYPTION, FEATURE_VOLUMES, FEATURE_PAGES})
 
 
 class FrameEntry(msgspec.Struct, array_like=True, frozen=True):
@@ -53,6 +54,19 @@ class AttachmentEntry(msgspec.Struct, frozen=True):
     blob: Blob
 
 
+class PageEntry(msgspec.Struct, array_like=True, frozen=True):
+    """A page frame: a run of instance entries kept out of the manifest, so
+    that neither writer nor reader ever holds all of them (SPEC.md section
+    "Manifest pages")."""
+
+    offset: int  # absolute offset of the page frame's header
+    stored: int
+    raw: int
+    codec: int
+    count: int  # entries in the page
+    series: list[str]  # distinct Series Instance UIDs of its entries, in order of first appearance
+
+
 class Volume(msgspec.Struct, kw_only=True):
     """Where a file stands in a volume set (SPEC.md section "Volumes")."""
 
@@ -79,7 +93,10 @@ class Manifest(msgspec.Struct, kw_only=True):
     # Absent (not even written as nil) in a file that is not a volume, so such
     # files are byte for byte what a writer without volumes produces.
     volume: Volume | msgspec.UnsetType = msgspec.UNSET
+    # Absent in a file without pages (every 1.0 file): its instances are all in ``instances``.
+    pages: list[PageEntry] | msgspec.UnsetType = msgspec.UNSET
 
 
 encoder = msgspec.msgpack.Encoder()
 decoder = msgspec.msgpack.Decoder(Manifest)
+page_decoder = msgspec.msgpack.Decoder(list[InstanceEntry])

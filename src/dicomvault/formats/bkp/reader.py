@@ -12,7 +12,7 @@ import collections
 import io
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -40,14 +40,26 @@ from .layout import (
     FRAME_DATA,
     FRAME_KEY,
     FRAME_MANIFEST,
+    FRAME_PAGE,
     HEADER,
     MAJOR,
+    PAGE_SEQ_BASE,
     parse_header,
     unpack_footer,
     unpack_frame_header,
     xxh3,
 )
-from .manifest import FEATURE_ENCRYPTION, KNOWN_FEATURES, Blob, Manifest, decoder
+from .manifest import (
+    FEATURE_ENCRYPTION,
+    FEATURE_PAGES,
+    KNOWN_FEATURES,
+    Blob,
+    InstanceEntry,
+    Manifest,
+    PageEntry,
+    decoder,
+    page_decoder,
+)
 
 MAX_MANIFEST = 1 << 32  # refuse to allocate more than this from a length field
 ONE_SHOT = 64 << 20  # frames announcing up to this decompress into one buffer of the announced size
@@ -140,14 +152,85 @@ class BkpReader:
             expected += fe.raw
         self.stream_size = expected
         self._starts = [fe.stream_offset for fe in m.frames]
-        for what, blob, size in ([(f"instance {e.record.sop_uid}", e.blob, e.record.size)
-                                  for e in m.instances]
-                                 + [(f"attachment {e.record.attachment_id}", e.blob, e.record.size)
-                                    for e in m.attachments]):
-            if blob.offset < 0 or blob.length < 0 or blob.offset + blob.length > expected:
-                raise CorruptError(f"{what}: its blob points outside the payload")
-            if size != blob.length:
-                raise CorruptError(f"{what}: its record says {size} bytes, its blob {blob.length}")
+        self.pages: list[PageEntry] = m.pages if isinstance(m.pages, list) else []
+        listed = FEATURE_PAGES in m.required_features
+        if isinstance(m.pages, list) and not listed:
+            raise CorruptError(f"the manifest has a page index but does not list the feature {FEATURE_PAGES}")
+        if listed and not self.pages:
+            raise CorruptError(f"the manifest lists the feature {FEATURE_PAGES} but has no pages")
+        for k, page in enumerate(self.pages):
+            if page.offset < self.data_start or page.offset + FRAME.size + page.stored > moff \
+                    or page.count < 1:
+                raise CorruptError(f"page {k} has an inconsistent index entry")
+        for e in m.instances:
+            self._check_blob(f"instance {e.record.sop_uid}", e.blob, e.record.size)
+        for a in m.attachments:
+            self._check_blob(f"attachment {a.record.attachment_id}", a.blob, a.record.size)
+
+    def _check_blob(self, what: str, blob: Blob, size: int) -> None:
+        if blob.offset < 0 or blob.length < 0 or blob.offset + blob.length > self.stream_size:
+            raise CorruptError(f"{what}: its blob points outside the payload")
+        if size != blob.length:
+            raise CorruptError(f"{what}: its record says {size} bytes, its blob {blob.length}")
+
+    # ------------------------------------------------------------ instances
+    @property
+    def instance_count(self) -> int:
+        return len(self.manifest.instances) + sum(p.count for p in self.pages)
+
+    def iter_instances(self, series: set[str] | frozenset[str] | None = None) -> Iterator[InstanceEntry]:
+        """Every instance entry, or those of ``series``, in file order. Memory
+        holds one page of them at a time, never all (see :meth:`instance_chunks`)."""
+        for chunk in self.instance_chunks(series):
+            yield from chunk
+
+    def instance_chunks(self, series: set[str] | frozenset[str] | None = None
+                        ) -> Iterator[list[InstanceEntry]]:
+        """The instance entries (of ``series`` only, if given) a list at a time:
+        the manifest's own, then one list per page (SPEC.md "Manifest pages").
+        A page whose index names none of ``series`` is not read."""
+        own = [e for e in self.manifest.instances if series is None or e.record.series_uid in series]
+        if own:
+            yield own
+        for k, page in enumerate(self.pages):
+            if series is not None and series.isdisjoint(page.series):
+                continue
+            chunk = [e for e in self.read_page(k) if series is None or e.record.series_uid in series]
+            if chunk:
+                yield chunk
+
+    def read_page(self, k: int) -> list[InstanceEntry]:
+        """The entries of page ``k``, checked (SPEC.md section "Manifest pages")."""
+        page = self.pages[k]
+        fd = self.fh.fileno()
+        ftype, codec, seq, stored, raw, check = unpack_frame_header(_pread(fd, FRAME.size, page.offset),
+                                                                   page.offset)
+        if ftype != FRAME_PAGE or seq != PAGE_SEQ_BASE + k or stored != page.stored or raw != page.raw \
+                or codec != page.codec:
+            raise CorruptError(f"page {k} at offset {page.offset} does not match the index")
+        if raw > MAX_MANIFEST:
+            raise CorruptError(f"page {k}: length {raw} is implausible")
+        payload = _pread(fd, stored, page.offset + FRAME.size)
+        with self._lock:
+            self.bytes_read += FRAME.size + len(payload)
+        if len(payload) != stored:
+            raise TruncatedError(f"truncated .bkp file: page {k} is incomplete")
+        if xxh3(payload) != check:
+            raise ChecksumError(f"page {k} at offset {page.offset} is damaged (checksum mismatch)")
+        data = self._decode(payload, codec, raw, f"page {k}", ftype=FRAME_PAGE, seq=seq)
+        try:
+            entries = page_decoder.decode(data)
+        except msgspec.MsgspecError as exc:
+            raise CorruptError(f"page {k} cannot be decoded: {exc}") from exc
+        if len(entries) != page.count:
+            raise CorruptError(f"page {k} holds {len(entries)} entries, its index says {page.count}")
+        named = set(page.series)
+        for e in entries:
+            self._check_blob(f"instance {e.record.sop_uid}", e.blob, e.record.size)
+            if e.record.series_uid not in named:
+                raise CorruptError(f"page {k}: instance {e.record.sop_uid} is of a series its index "
+                                   "does not name")
+        return entries
 
     def _open_key_frame(self, moff: int, passphrase: str | None) -> int:
         """Reads and checks the key frame, derives the key; returns the offset after the frame."""

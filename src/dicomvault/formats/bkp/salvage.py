@@ -123,12 +123,17 @@ def salvage(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
     try:
         try:
             reader = BkpReader(src, passphrase=passphrase)
+            try:
+                entries = list(reader.iter_instances())  # a damaged page: as bad as a damaged manifest
+            except BaseException:
+                reader.close()
+                raise
         except FormatError as exc:
             result.notes.append(f"the manifest cannot be used ({exc}); scanning the frames")
             _by_scan(src, out, result)
         else:
             try:
-                _with_manifest(reader, out, result)
+                _with_manifest(reader, entries, out, result)
             finally:
                 reader.close()
         if not (result.instances_recovered or result.attachments_recovered):
@@ -144,7 +149,8 @@ def salvage(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
 
 
 # ---------------------------------------------------------------------- with the manifest
-def _with_manifest(reader: BkpReader, out: _Out, result: SalvageResult) -> None:
+def _with_manifest(reader: BkpReader, entries: list[InstanceEntry], out: _Out,
+                   result: SalvageResult) -> None:
     result.method, result.verified = "manifest", True
     m = reader.manifest
     damaged: set[int] = set()
@@ -174,7 +180,7 @@ def _with_manifest(reader: BkpReader, out: _Out, result: SalvageResult) -> None:
     patients = {p.key: p for p in m.patients}
     studies = {s.study_uid: s for s in m.studies}
     series = {s.series_uid: s for s in m.series}
-    for e in sorted(m.instances, key=lambda e: e.blob.offset):
+    for e in sorted(entries, key=lambda e: e.blob.offset):
         rec = e.record
         blob = copy(e.blob, rec.sha256) if intact(e.blob.offset, e.blob.length) else None
         hierarchy = series.get(rec.series_uid)
@@ -223,7 +229,7 @@ def _frames(mm: mmap.mmap, result: SalvageResult) -> Iterator[tuple[int, bytes] 
         end = at + FRAME.size + stored
         if ftype == FRAME_MANIFEST:
             return
-        if ftype != FRAME_DATA:  # a frame of a later version: not payload
+        if ftype != FRAME_DATA:  # a page (its entries are lost with the manifest), or a later version's
             at = end
             continue
         payload = mm[at + FRAME.size:end]

@@ -41,15 +41,17 @@ from .layout import (
     FRAME_KEY,
     FRAME_MAGIC,
     FRAME_MANIFEST,
+    FRAME_PAGE,
     HEADER,
     HEADER_MAGIC,
     KNOWN_CODECS,
     KNOWN_FLAGS,
     MAJOR,
+    PAGE_SEQ_BASE,
     is_critical_frame_type,
     xxh3,
 )
-from .manifest import KNOWN_FEATURES, Manifest
+from .manifest import FEATURE_PAGES, KNOWN_FEATURES, InstanceEntry, Manifest
 from .reader import MAX_MANIFEST, BkpReader, decompress
 
 ERROR, WARNING, INFO = "error", "warning", "info"
@@ -91,6 +93,7 @@ class _Checker:
         self.result = Result(file=str(path), check=check)
         self.fd = -1
         self.size = 0
+        self.instances: list[InstanceEntry] = []
 
     def add(self, code: str, message: str, offset: int | None = None, severity: str = ERROR) -> None:
         self.result.findings.append(Finding(code, severity, message, offset))
@@ -243,6 +246,8 @@ class _Checker:
                 self.add("layout.manifest", f"a second manifest frame at offset {at}", at)
             elif ftype == FRAME_KEY:
                 self.add("layout.key-frame", f"a key frame at offset {at}: only offset 64 may hold one", at)
+            elif ftype == FRAME_PAGE:
+                pass  # checked against the page index by walk()
             elif ftype != FRAME_DATA and is_critical_frame_type(ftype):
                 self.add("frame.critical-unknown", f"frame at offset {at} has type {ftype}, critical "
                          "and unknown to this release", at)
@@ -267,8 +272,22 @@ class _Checker:
                          f"expected {expected}", fe.offset)
             expected += fe.raw
         seen: set[int] = set()
+        pages = m.pages if isinstance(m.pages, list) else []
+        page_index = {pe.offset: k for k, pe in enumerate(pages)}
+        pages_seen: set[int] = set()
         seq = 0
         for at, (ftype, codec, fseq, stored, raw, _check) in self.chain(moff):
+            if ftype == FRAME_PAGE:
+                k = page_index.get(at)
+                if k is None:
+                    self.add("page.unlisted", f"page frame at offset {at} is not in the page index", at)
+                elif (fseq, stored, raw, codec) != (PAGE_SEQ_BASE + k, pages[k].stored, pages[k].raw,
+                                                    pages[k].codec):
+                    self.add("page.mismatch", f"page frame at offset {at} does not match page index "
+                             f"entry {k}", at)
+                else:
+                    pages_seen.add(k)
+                continue
             if ftype != FRAME_DATA:
                 continue
             listed = index.get(at)
@@ -291,20 +310,52 @@ class _Checker:
             elif i not in seen:
                 self.add("index.bounds", f"index entry {i} points outside the frames ({fe.offset})",
                          fe.offset)
+        for k, pe in enumerate(pages):
+            if k not in pages_seen and not any(f.code == "page.mismatch" and f.offset == pe.offset
+                                               for f in self.result.findings):
+                self.add("page.unvisited", f"page index entry {k} points at offset {pe.offset}, which is "
+                         "not a page frame of the chain", pe.offset)
+        listed = FEATURE_PAGES in m.required_features
+        if isinstance(m.pages, list) and not listed:
+            self.add("page.feature", f"the manifest has a page index but does not list {FEATURE_PAGES}")
+        elif listed and not pages:
+            self.add("page.feature", f"the manifest lists {FEATURE_PAGES} but has no pages")
         self.stream_size = expected
 
-    def records(self, m: Manifest) -> None:
+    def page_entries(self, m: Manifest) -> list[InstanceEntry]:
+        """Every instance entry: the manifest's and the pages' (SPEC.md section 8.7),
+        each page checked as the reader checks it. (The validator holds them all,
+        to check uniqueness and references; the reader never does.)"""
+        entries = list(m.instances)
+        pages = m.pages if isinstance(m.pages, list) else []
+        if not pages:
+            return entries
+        try:
+            reader = BkpReader(self.path, passphrase=self.passphrase)
+        except (FormatError, PassphraseError):
+            return entries  # already reported
+        try:
+            for k, pe in enumerate(pages):
+                try:
+                    entries.extend(reader.read_page(k))
+                except FormatError as exc:
+                    self.add(_code_of(exc, "page"), str(exc), pe.offset)
+        finally:
+            reader.close()
+        return entries
+
+    def records(self, m: Manifest, instances: list[InstanceEntry]) -> None:
         """SPEC.md section 8.6, rules 2, 3 (sizes), 4 and 5."""
         size = self.stream_size
         for what, blob, length in ([(f"instance {e.record.sop_uid}", e.blob, e.record.size)
-                                    for e in m.instances]
+                                    for e in instances]
                                    + [(f"attachment {e.record.attachment_id}", e.blob, e.record.size)
                                       for e in m.attachments]):
             if blob.offset < 0 or blob.length < 0 or blob.offset + blob.length > size:
                 self.add("blob.bounds", f"{what}: its blob points outside the payload stream")
             if length != blob.length:
                 self.add("blob.size", f"{what}: its record says {length} bytes, its blob {blob.length}")
-        for what, sha in ([(f"instance {e.record.sop_uid}", e.record.sha256) for e in m.instances]
+        for what, sha in ([(f"instance {e.record.sop_uid}", e.record.sha256) for e in instances]
                           + [(f"attachment {e.record.attachment_id}", e.record.sha256)
                              for e in m.attachments]):
             if len(sha) != 64 or sha.strip("0123456789abcdef"):
@@ -321,7 +372,7 @@ class _Checker:
         patients = unique("patient", [p.key for p in m.patients])
         studies = unique("study", [s.study_uid for s in m.studies])
         series = unique("series", [s.series_uid for s in m.series])
-        instances = unique("instance", [e.record.sop_uid for e in m.instances])
+        sop_uids = unique("instance", [e.record.sop_uid for e in instances])
         unique("attachment", [e.record.attachment_id for e in m.attachments])
         unique("attributes", [f"{a.level}:{a.uid}" for a in m.attributes])
         for s in m.studies:
@@ -330,10 +381,10 @@ class _Checker:
         for se in m.series:
             if se.study_uid not in studies:
                 self.add("record.dangling", f"series {se.series_uid}: its study is not in the file")
-        for e in m.instances:
+        for e in instances:
             if e.record.series_uid not in series:
                 self.add("record.dangling", f"instance {e.record.sop_uid}: its series is not in the file")
-        owners = {"patient": patients, "study": studies, "series": series, "instance": instances}
+        owners = {"patient": patients, "study": studies, "series": series, "instance": sop_uids}
         for a in m.attributes:
             if a.uid not in owners[a.level]:
                 who = "a patient" if a.level == "patient" else f"{a.level} {a.uid}"
@@ -369,6 +420,9 @@ class _Checker:
         and, with ``deep``, every data frame's payload checksum."""
         seq = 0
         for at, (ftype, _codec, fseq, stored, _raw, check) in self.chain(moff):
+            if ftype == FRAME_PAGE and deep:
+                if self.stream_xxh3(at + FRAME.size, stored) != check:
+                    self.add("page.checksum", f"page frame at offset {at} is damaged (checksum mismatch)", at)
             if ftype != FRAME_DATA:
                 continue
             if fseq != seq:
@@ -440,7 +494,7 @@ class _Checker:
                     bad_frames.add(i)
                     self.add(_code_of(exc, "frame"), str(exc), reader.manifest.frames[i].offset)
             entries = sorted([(e.blob, f"instance {e.record.sop_uid}", e.record.sha256)
-                              for e in reader.manifest.instances]
+                              for e in self.instances]
                              + [(e.blob, f"attachment {e.record.attachment_id}", e.record.sha256)
                                 for e in reader.manifest.attachments], key=lambda t: t[0].offset)
             for blob, what, sha in entries:
@@ -503,10 +557,11 @@ def check(path: str | os.PathLike[str], *, deep: bool = False, passphrase: str |
             if m is None:
                 raise _Stop()
             checker.result.frames = len(m.frames)
-            checker.result.instances = len(m.instances)
             checker.result.attachments = len(m.attachments)
             checker.walk(m, moff, nframes)
-            checker.records(m)
+            checker.instances = checker.page_entries(m)
+            checker.result.instances = len(checker.instances)
+            checker.records(m, checker.instances)
             if deep and checker.result.valid:
                 checker.deep()
         except _Stop:

@@ -30,7 +30,7 @@ import os
 import re
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -398,7 +398,9 @@ class Part:
         self._lock = threading.Lock()
         self._streams = 0  # blob streams open on the reader
         self._retired = False  # released: close the reader whenever no stream is open
-        self._plan: list[Blob] = []  # the blobs a restore will read, in order (BkpReader.plan)
+        # the blobs a restore will read, in order (BkpReader.plan): a function giving them anew,
+        # as a reopened reader needs them again and a list of them all would grow with the backup
+        self._plan: Callable[[BkpReader], Iterable[Blob]] | None = None
         self.opened = keep_open  # whether its data was (or may be) read
         if not keep_open:
             reader.close()
@@ -416,17 +418,41 @@ class Part:
                                      "was being read")
             self._reader = reader
             self.opened = True
-            if self._plan:
-                reader.plan(self._plan)
+            if self._plan is not None:
+                reader.plan(self._plan(reader))
         return self._reader
 
-    def plan(self, blobs: list[Blob]) -> None:
-        """The blobs about to be read from this file, in order: its reader decodes
-        their frames a little ahead (now, or when it is opened)."""
+    def plan(self, blobs: Callable[[BkpReader], Iterable[Blob]] | None) -> None:
+        """The blobs about to be read from this file, in order (a function that
+        gives them from the file's reader, called again if the file is
+        reopened): its reader decodes their frames a little ahead (now, or
+        when it is opened)."""
         with self._lock:
             self._plan = blobs
-            if self._reader is not None and blobs:
-                self._reader.plan(blobs)
+            if self._reader is not None and blobs is not None:
+                self._reader.plan(blobs(self._reader))
+
+    def instance_chunks(self, series: set[str] | None = None) -> Iterator[list[InstanceEntry]]:
+        """The file's instance entries (of ``series`` only, if given), a list at a
+        time: the manifest's own, then one per page (SPEC.md "Manifest pages").
+        A file without pages is not reopened for this."""
+        own = [e for e in self.manifest.instances if series is None or e.record.series_uid in series]
+        if own:
+            yield own
+        pages = self.manifest.pages if isinstance(self.manifest.pages, list) else []
+        for k, page in enumerate(pages):
+            if series is not None and series.isdisjoint(page.series):
+                continue
+            with self._lock:
+                reader = self._get()
+                self._streams += 1  # held open while the page is read (release() may come meanwhile)
+            try:
+                entries = reader.read_page(k)
+            finally:
+                self._stream_closed()
+            chunk = [e for e in entries if series is None or e.record.series_uid in series]
+            if chunk:
+                yield chunk
 
     def open_blob(self, blob: Blob) -> BinaryIO:
         with self._lock:

@@ -16,6 +16,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,14 +34,27 @@ from .layout import (
     FRAME_DATA,
     FRAME_KEY,
     FRAME_MANIFEST,
+    FRAME_PAGE,
     MAJOR,
     MINOR,
+    PAGE_SEQ_BASE,
     pack_footer,
     pack_frame_header,
     pack_header,
     xxh3,
 )
-from .manifest import FEATURE_ENCRYPTION, Blob, FrameEntry, Manifest, encoder
+from .manifest import (
+    FEATURE_ENCRYPTION,
+    FEATURE_PAGES,
+    Blob,
+    FrameEntry,
+    InstanceEntry,
+    Manifest,
+    PageEntry,
+    encoder,
+    page_decoder,
+)
+from .reader import decompress
 
 FRAME_SIZE = 4 << 20
 READ_CHUNK = 1 << 20
@@ -114,7 +128,8 @@ class BkpWriter:
                                    suffix=".part")
         self.tmp = Path(tmp)
         self.fh = os.fdopen(fd, "wb", buffering=1 << 20)
-        self.fh.write(pack_header(self.file_id, time.time_ns(), FLAG_ENCRYPTED if self.cipher else 0))
+        # 1.1 from the start, pages or not: the header is never rewritten (SPEC.md section 9)
+        self.fh.write(pack_header(self.file_id, time.time_ns(), FLAG_ENCRYPTED if self.cipher else 0, MINOR))
         self.pos = 64
         if self.cipher is not None:  # the key frame: stored as is, not encrypted, not in the index
             self.fh.write(pack_frame_header(FRAME_KEY, CODEC_NONE, 0, len(key_frame), len(key_frame),
@@ -129,6 +144,7 @@ class BkpWriter:
         self.stream_pos = 0  # bytes appended to the payload stream so far
         self.cut_pos = 0  # payload stream offset where the open frame starts
         self.frames: list[FrameEntry] = []
+        self.pages: list[PageEntry] = []
         self.submitted = 0  # data frames handed to the pool: the next one's seq
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="bkp-zstd")
         self.pending: collections.deque[tuple[Future[tuple[int, bytes | bytearray, int]], bytearray, int]] = \
@@ -213,6 +229,39 @@ class BkpWriter:
         while self.pending:
             self._drain_one()
 
+    # ------------------------------------------------------------ manifest pages
+    def add_page(self, entries: list[InstanceEntry]) -> None:
+        """Write instance entries out as a page frame (SPEC.md section "Manifest
+        pages"), so that they need not be kept until the manifest: the caller
+        drops them. The file becomes version 1.1."""
+        if self.failed is not None:
+            raise self.failed
+        if not entries:
+            return
+        raw = encoder.encode(entries)
+        seq = PAGE_SEQ_BASE + len(self.pages)
+        codec, payload, check = _compress(raw, self.level, self.cipher, FRAME_PAGE, seq)
+        self._write(pack_frame_header(FRAME_PAGE, codec, seq, len(payload), len(raw), check))
+        self._write(payload)
+        series = list(dict.fromkeys(e.record.series_uid for e in entries))
+        self.pages.append(PageEntry(self.pos, len(payload), len(raw), codec, len(entries), series))
+        self.pos += 48 + len(payload)
+
+    def written_entries(self) -> Iterator[InstanceEntry]:
+        """The entries of the pages written so far, read back from the file a
+        page at a time (for the rare question whether an instance was written
+        already)."""
+        try:
+            self.fh.flush()
+        except OSError as exc:
+            raise self._fail(exc) from exc
+        for k, page in enumerate(list(self.pages)):
+            payload = os.pread(self.fh.fileno(), page.stored, page.offset + 48)
+            if self.cipher is not None:
+                payload = self.cipher.open(FRAME_PAGE, page.codec, PAGE_SEQ_BASE + k, page.raw, payload,
+                                           f"page {k}")
+            yield from page_decoder.decode(decompress(payload, page.codec, page.raw, f"page {k}"))
+
     # ------------------------------------------------------------ finishing
     def finish(self, manifest: Manifest) -> Path:
         """Write the manifest and footer, make the file durable, rename it."""
@@ -228,6 +277,10 @@ class BkpWriter:
         manifest.frames = self.frames
         if self.cipher is not None and FEATURE_ENCRYPTION not in manifest.required_features:
             manifest.required_features = [*manifest.required_features, FEATURE_ENCRYPTION]
+        if self.pages:
+            manifest.pages = self.pages
+            if FEATURE_PAGES not in manifest.required_features:
+                manifest.required_features = [*manifest.required_features, FEATURE_PAGES]
         raw = encoder.encode(manifest)
         codec, payload, check = _compress(raw, self.level, self.cipher, FRAME_MANIFEST, len(self.frames))
         manifest_offset = self.pos

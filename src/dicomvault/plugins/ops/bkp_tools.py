@@ -91,9 +91,10 @@ def _inspect(args: argparse.Namespace) -> int:
             "required_features": m.required_features, "optional_features": m.optional_features,
             "frames": len(m.frames), "payload_bytes": reader.stream_size, "stored_bytes": stored,
             "patients": len(m.patients), "studies": len(m.studies), "series": len(m.series),
-            "instances": len(m.instances), "attributes": len(m.attributes),
+            "instances": reader.instance_count, "attributes": len(m.attributes),
             "attachments": len(m.attachments),
             "encrypted": reader.encrypted,
+            "manifest_pages": len(reader.pages),
             "manifest_bytes": reader.size - reader.data_start - 64
             - sum(FRAME.size + fe.stored for fe in m.frames),
         }
@@ -118,13 +119,19 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _ls(args: argparse.Namespace) -> int:
     reader = _open(args)
+    # Per series: [instances, bytes, records]. Down to series, counts are all that is kept
+    # (pages are read one at a time); down to instances, the listing is as long as the backup.
+    per_series: dict[str, list[Any]] = defaultdict(lambda: [0, 0, []])
     try:
         m = reader.manifest
+        for e in reader.iter_instances():
+            entry = per_series[e.record.series_uid]
+            entry[0] += 1
+            entry[1] += e.record.size
+            if args.level == "instance":
+                entry[2].append(e.record)
     finally:
         reader.close()
-    per_series: dict[str, list[Any]] = defaultdict(list)
-    for e in m.instances:
-        per_series[e.record.series_uid].append(e.record)
     series_of: dict[str, list[Any]] = defaultdict(list)
     for s in m.series:
         series_of[s.study_uid].append(s)
@@ -138,7 +145,7 @@ def _ls(args: argparse.Namespace) -> int:
         pnode: dict[str, Any] = {"level": "patient", "key": p.key, "patient_id": p.patient_id,
                                  "name": p.name, "studies": []}
         tree.append(pnode)
-        n_inst = sum(len(per_series[se.series_uid])
+        n_inst = sum(per_series[se.series_uid][0]
                      for st in studies_of[p.key] for se in series_of[st.study_uid])
         text.append(f"PATIENT {p.name or '(no name)'}  id={p.patient_id or '(none)'}  "
                     f"[{len(studies_of[p.key])} studies, {n_inst} instances]")
@@ -153,15 +160,14 @@ def _ls(args: argparse.Namespace) -> int:
             if depth < 2:
                 continue
             for se in series_of[st.study_uid]:
-                recs = per_series[se.series_uid]
-                size = sum(r.size for r in recs)
+                count, size, recs = per_series[se.series_uid]
                 senode: dict[str, Any] = {"level": "series", "uid": se.series_uid, "modality": se.modality,
                                           "number": se.number, "description": se.description,
-                                          "instances": len(recs), "size": size}
+                                          "instances": count, "size": size}
                 snode["series"].append(senode)
                 num = "" if se.number is None else f"#{se.number} "
                 text.append(f"    SERIES {se.modality or '??'} {num}{se.description or ''}  {se.series_uid}  "
-                            f"[{len(recs)} instances, {size:,} bytes]")
+                            f"[{count} instances, {size:,} bytes]")
                 if depth < 3:
                     continue
                 senode["items"] = [{"sop_uid": r.sop_uid, "size": r.size, "sha256": r.sha256} for r in recs]
