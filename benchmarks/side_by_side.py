@@ -62,6 +62,10 @@ MIB = 1 << 20
 TARGET_INGEST_FILES_PER_S = 1000.0
 TARGET_EXPORT_VS_PEER = 0.7
 TARGET_PEAK_MEMORY_MB = 300.0
+# The .bkp as a backup facility (issue 3): export-db and import-db at least as fast as the plain
+# archive pipeline, and peak memory the same whatever the size (a run at another size, --baseline).
+TARGET_BACKUP_VS_PEER = 1.0
+TARGET_MEMORY_VS_BASELINE = 1.10  # "the same": at most 10% above the baseline run's peak
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -425,7 +429,18 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "export_throughput_vs_peer": figures["export_vs_peer"] >= TARGET_EXPORT_VS_PEER,
         "export_ratio_no_worse": figures["export_ratio"] >= figures["tar_zstd_ratio"],
         "peak_memory": peak_tree < TARGET_PEAK_MEMORY_MB,
+        "backup_export_vs_peer": figures["export_vs_peer"] >= TARGET_BACKUP_VS_PEER,
+        "backup_import_vs_peer": figures["import_vs_peer"] >= TARGET_BACKUP_VS_PEER,
     }
+    baseline = None
+    if args.baseline is not None:  # the same steps at another size: is peak memory the same?
+        base = json.loads(args.baseline.read_text())
+        baseline = {"size_arg": base["data"]["size_arg"], "files": base["data"]["files"],
+                    "memory_mb": base["memory_mb"],
+                    "ratios": {k: memory[k]["max_rss_mb"] / base["memory_mb"][k]["max_rss_mb"]
+                               for k in memory}}
+        verdicts["memory_same_as_baseline"] = all(r <= TARGET_MEMORY_VS_BASELINE
+                                                  for r in baseline["ratios"].values())
     import pydicom
     import zstandard
 
@@ -451,6 +466,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "figures": figures,
         "memory_mb": memory,
         "peak_memory_mb": peak_tree,
+        "baseline": baseline,
         "targets": {"ingest_files_per_s": TARGET_INGEST_FILES_PER_S,
                     "export_vs_peer": TARGET_EXPORT_VS_PEER, "peak_memory_mb": TARGET_PEAK_MEMORY_MB},
         "verdicts": verdicts,
@@ -484,6 +500,8 @@ def table(res: dict[str, Any]) -> str:
         ("export-db vs tar|zstd -3 -T0", f"{f['export_mb_per_s']:.0f} MB/s",
          f"{f['tar_zstd_mb_per_s']:.0f} MB/s",
          f"{f['export_vs_peer']:.2f}x", f">= {TARGET_EXPORT_VS_PEER}x", ok(v["export_throughput_vs_peer"])),
+        ("  as a backup (issue 3)", "", "", f"{f['export_vs_peer']:.2f}x", f">= {TARGET_BACKUP_VS_PEER}x",
+         ok(v["backup_export_vs_peer"])),
         ("  compression ratio", f"{f['export_ratio']:.3f}", f"{f['tar_zstd_ratio']:.3f}",
          f"{f['export_ratio_vs_peer']:.3f}x", ">= 1.00x", ok(v["export_ratio_no_worse"])),
         ("  paired runs (median of ratios)", "", "", f"{f['export_vs_peer_paired']:.2f}x", "(info)", ""),
@@ -493,7 +511,7 @@ def table(res: dict[str, Any]) -> str:
          f"{f['export_mb_per_s'] / f['tar_zstd_mb_per_s_with_fsync']:.2f}x", "(info)", ""),
         ("import-db vs zstd -d|tar x", f"{f['import_mb_per_s']:.0f} MB/s",
          f"{f['unzstd_untar_mb_per_s']:.0f} MB/s",
-         f"{f['import_vs_peer']:.2f}x", "(none)", ""),
+         f"{f['import_vs_peer']:.2f}x", f">= {TARGET_BACKUP_VS_PEER}x", ok(v["backup_import_vs_peer"])),
         ("", f"{f['import_files_per_s']:,.0f} files/s", "", "", "", ""),
         ("  paired runs (median of ratios)", "", "", f"{f['import_vs_peer_paired']:.2f}x", "(info)", ""),
         ("  CPU seconds (user+sys)", f"{f['import_cpu_s']:.1f} s", f"{f['unzstd_untar_cpu_s']:.1f} s",
@@ -505,6 +523,12 @@ def table(res: dict[str, Any]) -> str:
         rows.append((f"peak memory {name}", f"{mem['max_rss_mb']:.0f} MB max RSS",
                      f"{mem['tree_peak_pss_mb']:.0f} MB tree PSS", "", f"< {TARGET_PEAK_MEMORY_MB:.0f} MB",
                      ok(max(mem["max_rss_mb"], mem["tree_peak_pss_mb"]) < TARGET_PEAK_MEMORY_MB)))
+        b = res.get("baseline")
+        if b:
+            rows.append((f"  vs {b['size_arg']} ({b['files']:,} files)", f"{mem['max_rss_mb']:.0f} MB",
+                         f"{b['memory_mb'][name]['max_rss_mb']:.0f} MB", f"{b['ratios'][name]:.2f}x",
+                         f"<= {TARGET_MEMORY_VS_BASELINE:.2f}x",
+                         ok(b["ratios"][name] <= TARGET_MEMORY_VS_BASELINE)))
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
     lines = [f"dicomvault side by side: {d['files']:,} files, {d['bytes'] / MB:,.0f} MB "
              f"(mean {d['mean_file_bytes'] / 1e3:.0f} KB), {res['machine']['cpus']} CPUs, "
@@ -536,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", choices=["auto", "cold", "warm"], default="auto",
                     help="page cache before each timed run (default auto: cold when allowed)")
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per step; the median is reported")
+    ap.add_argument("--baseline", type=Path, metavar="JSON",
+                    help="the --json-out of a run at another size: peak memory is compared with it "
+                         "(the same, within 10%%, is the target)")
     ap.add_argument("--dicomvault", help="command to run dicomvault (default: this python -m dicomvault)")
     ap.add_argument("--json-out", type=Path, help="write the results as JSON here")
     ap.add_argument("--keep", action="store_true", help="keep databases, archives and restored folders")
