@@ -71,7 +71,7 @@ MAX_FRAME_RAW = 1 << 30  # a frame announcing more is treated as damaged (writer
 class SalvageResult(msgspec.Struct, kw_only=True):
     source: str
     output: str
-    method: str = ""  # "manifest" or "scan"
+    method: str = ""  # "manifest", "scan", or "manifest+scan" (the manifest, and a scan for damaged pages)
     instances_recovered: int = 0
     instances_lost: int = 0  # known only with the manifest
     attachments_recovered: int = 0
@@ -123,19 +123,24 @@ def salvage(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
     try:
         try:
             reader = BkpReader(src, passphrase=passphrase)
-            try:
-                entries = list(reader.iter_instances())  # a damaged page: as bad as a damaged manifest
-            except BaseException:
-                reader.close()
-                raise
         except FormatError as exc:
             result.notes.append(f"the manifest cannot be used ({exc}); scanning the frames")
             _by_scan(src, out, result)
         else:
             try:
+                entries, damaged_pages = _entries(reader, result)
                 _with_manifest(reader, entries, out, result)
             finally:
                 reader.close()
+            if damaged_pages and encrypted:
+                result.notes.append("the instances listed by damaged pages cannot be looked for in an "
+                                    "encrypted file without their entries; they are lost")
+            elif damaged_pages:  # what those pages listed may still be found in the frames
+                result.notes.append("scanning the frames for the instances of the damaged pages")
+                counted = result.frames_intact, result.frames_damaged  # already counted, once
+                _by_scan(src, out, result)
+                result.frames_intact, result.frames_damaged = counted
+                result.method, result.verified = "manifest+scan", False
         if not (result.instances_recovered or result.attachments_recovered):
             out.writer.abort()  # nothing to keep: no empty file that looks like a backup
             result.output = ""
@@ -149,6 +154,20 @@ def salvage(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
 
 
 # ---------------------------------------------------------------------- with the manifest
+def _entries(reader: BkpReader, result: SalvageResult) -> tuple[list[InstanceEntry], int]:
+    """The instance entries that can be read (the manifest's, the intact
+    pages'), and how many pages are damaged (each named in ``result.lost``)."""
+    entries = list(reader.manifest.instances)
+    damaged = 0
+    for k, page in enumerate(reader.pages):
+        try:
+            entries.extend(reader.read_page(k))
+        except FormatError as exc:
+            damaged += 1
+            result.lost.append(f"page {k} of the manifest ({page.count} instances, not known by UID): {exc}")
+    return entries, damaged
+
+
 def _with_manifest(reader: BkpReader, entries: list[InstanceEntry], out: _Out,
                    result: SalvageResult) -> None:
     result.method, result.verified = "manifest", True
