@@ -48,6 +48,7 @@ from .types import (
     StudyRecord,
     patient_key,
     read_ahead,
+    stream_views,
 )
 
 __all__ = [
@@ -59,5 +60,5 @@ __all__ = [
     "Selection", "SeriesRecord", "Source", "StudyRecord", "Target", "TargetError", "TreeNode",
     "TruncatedError", "UnsupportedFeatureError", "UnsupportedVersionError", "UsageError",
     "VolumeSetError", "WrongPassphraseError", "default_database_url", "hookimpl", "make_plugin_manager",
-    "patient_key", "read_ahead", "transfer", "writer_is_gone", "writer_tag",
+    "patient_key", "read_ahead", "stream_views", "transfer", "writer_is_gone", "writer_tag",
 ]

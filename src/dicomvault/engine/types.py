@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import BinaryIO, Literal
 
 import msgspec
@@ -124,6 +124,17 @@ def read_ahead(opener: Opener) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def stream_views(stream: BinaryIO) -> Iterator[memoryview] | None:
+    """The bytes of a freshly opened stream (nothing read from it yet) as
+    read-only buffers, in order, without copying them, when its source can
+    give them so (a blob of a .bkp: slices of its decoded frames); None
+    otherwise, and the stream is read as usual. A source offers this by a
+    ``views()`` method on the streams its openers return. Each buffer is
+    valid until the next one is asked for."""
+    views = getattr(stream, "views", None)
+    return views() if callable(views) else None  # type: ignore[no-any-return]
 
 
 class Item(msgspec.Struct, frozen=True):

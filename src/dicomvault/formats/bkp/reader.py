@@ -387,7 +387,7 @@ class BkpReader:
                 self._wanted[index] -= 1
 
     def open_blob(self, blob: Blob) -> BinaryIO:
-        return io.BufferedReader(_BlobStream(self, blob), buffer_size=1 << 20)  # type: ignore[arg-type]
+        return _BlobFile(_BlobStream(self, blob), buffer_size=1 << 20)  # type: ignore[return-value]
 
     def frame_of(self, stream_offset: int) -> int:
         return bisect.bisect_right(self._starts, stream_offset) - 1
@@ -471,6 +471,15 @@ class _Slot:
         self.used = False  # asked for by a reader (not only decoded ahead)
 
 
+class _BlobFile(io.BufferedReader):
+    """A blob, buffered for small reads (parsers), and offering its bytes
+    without copies to whoever takes them whole (``views``, see
+    :func:`dicomvault.engine.stream_views`)."""
+
+    def views(self) -> Iterator[memoryview]:
+        return self.raw.views()  # type: ignore[attr-defined,no-any-return]
+
+
 class _BlobStream(io.RawIOBase):
     """A blob as a readable stream, decompressing frame by frame."""
 
@@ -480,6 +489,7 @@ class _BlobStream(io.RawIOBase):
         self._next = reader.frame_of(blob.offset)
         self._last = reader.frame_of(self.end - 1) if blob.length else self._next - 1
         self._held: tuple[int, bytes] | None = None  # the frame being read: kept, not asked for again
+        self._touched = False  # read from: views() would miss what the buffer above holds
 
     def readable(self) -> bool:
         return True
@@ -489,9 +499,9 @@ class _BlobStream(io.RawIOBase):
             self.reader.done_with(self._next)
             self._next += 1
 
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        if self.pos >= self.end:
-            return 0
+    def _frame(self) -> tuple[bytes, int, int]:
+        """The frame holding ``pos``: its content, where ``pos`` is in it, how
+        much of the blob it still holds."""
         index = self.reader.frame_of(self.pos)
         fe = self.reader.manifest.frames[index]
         if self._held is not None and self._held[0] == index:
@@ -502,11 +512,36 @@ class _BlobStream(io.RawIOBase):
             data = self.reader.read_frame(index)
             self._held = (index, data)
         start = self.pos - fe.stream_offset
-        n = min(len(buffer), self.end - self.pos, fe.raw - start)
-        with memoryview(data) as view:  # a slice of a memoryview: no copy of the frame's bytes
-            buffer[:n] = view[start:start + n]
+        return data, start, min(self.end - self.pos, fe.raw - start)
+
+    def _advance(self, n: int) -> None:
+        index = self._held[0] if self._held is not None else self.reader.frame_of(self.pos)
+        fe = self.reader.manifest.frames[index]
         self.pos += n
-        if start + n == fe.raw or self.pos == self.end:
+        if self.pos == fe.stream_offset + fe.raw or self.pos == self.end:
             self._done_until(index)
             self._held = None
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        if self.pos >= self.end:
+            return 0
+        self._touched = True
+        data, start, left = self._frame()
+        n = min(len(buffer), left)
+        with memoryview(data) as view:  # a slice of a memoryview: no copy of the frame's bytes
+            buffer[:n] = view[start:start + n]
+        self._advance(n)
         return n
+
+    def views(self) -> Iterator[memoryview]:
+        """The blob as read-only slices of its decoded frames: no copy at all."""
+        if self._touched:
+            raise ValueError("views() of a blob stream that was read from")
+        while self.pos < self.end:
+            data, start, n = self._frame()
+            view = memoryview(data)[start:start + n].toreadonly()
+            try:
+                yield view
+            finally:
+                view.release()
+            self._advance(n)

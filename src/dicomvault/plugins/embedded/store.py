@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from dicomvault.engine import writer_tag
+from dicomvault.engine import stream_views, writer_tag
 
 from .collect import stale_staged
 
@@ -103,11 +103,16 @@ class ContentStore:
         digest = hashlib.sha256()
         size = 0
         try:
-            with os.fdopen(fd, "wb", buffering=0) as out:
-                while chunk := stream.read(CHUNK):
+            try:
+                # Buffers the source offers without copying (a .bkp's decoded frames), else chunks
+                # read from the stream: hashed and written as they are.
+                views = stream_views(stream)
+                for chunk in views if views is not None else iter(lambda: stream.read(CHUNK), b""):
                     digest.update(chunk)
-                    out.write(chunk)
+                    _write_all(fd, chunk)
                     size += len(chunk)
+            finally:
+                os.close(fd)
         except BaseException:
             try:
                 os.unlink(path)
@@ -159,6 +164,12 @@ class ContentStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:  # a regular file takes it all at once, but write(2) may write less
+        view = view[os.write(fd, view):]
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
