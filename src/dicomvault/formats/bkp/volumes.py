@@ -391,7 +391,11 @@ class Part:
                  passphrase: str | None = None) -> None:
         self.path = path
         self.passphrase = passphrase
-        self.manifest = reader.manifest
+        # A volume closed after the check keeps its manifest without the instance entries: they
+        # are read again when the volume is (instance_chunks), so a set of many volumes does not
+        # hold all of its entries at once.
+        self.manifest = reader.manifest if keep_open else \
+            msgspec.structs.replace(reader.manifest, instances=[])
         self.file_id = reader.file_id
         self.volume = reader.manifest.volume if isinstance(reader.manifest.volume, Volume) else None
         self._reader: BkpReader | None = reader if keep_open else None
@@ -435,8 +439,17 @@ class Part:
     def instance_chunks(self, series: set[str] | None = None) -> Iterator[list[InstanceEntry]]:
         """The file's instance entries (of ``series`` only, if given), a list at a
         time: the manifest's own, then one per page (SPEC.md "Manifest pages").
-        A file without pages is not reopened for this."""
-        own = [e for e in self.manifest.instances if series is None or e.record.series_uid in series]
+        A volume that holds none of ``series`` is not opened for this (its
+        series records say which series it holds)."""
+        if series is not None and series.isdisjoint(se.series_uid for se in self.manifest.series):
+            return
+        with self._lock:
+            reader = self._get()
+            self._streams += 1  # held open while its entries are handed out (release() may come)
+        try:
+            own = [e for e in reader.manifest.instances if series is None or e.record.series_uid in series]
+        finally:
+            self._stream_closed()
         if own:
             yield own
         pages = self.manifest.pages if isinstance(self.manifest.pages, list) else []
