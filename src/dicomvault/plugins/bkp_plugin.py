@@ -15,6 +15,7 @@ from dicomvault.engine import (
     Attributes,
     ConflictPolicy,
     Context,
+    FormatError,
     Item,
     Kind,
     Opener,
@@ -111,13 +112,16 @@ class BkpSource:
                 owners["series"].add(h[2].series_uid)
         return owners
 
-    def _chunks(self, part: Part, series: set[str] | None) -> Iterator[list[InstanceEntry]]:
+    def _chunks(self, part: Part, series: set[str] | None,
+                damaged: list[tuple[int, FormatError]]) -> Iterator[list[InstanceEntry]]:
         """A file's entries a list at a time, each in payload order, so frames
         are read front to back (the writer appends in entry order; a file
-        written otherwise is still read right, only less smoothly)."""
-        for chunk in part.instance_chunks(series):
+        written otherwise is still read right, only less smoothly). Damaged
+        pages are noted in ``damaged`` and skipped."""
+        for chunk in part.instance_chunks(series, damaged=damaged):
             chunk.sort(key=lambda e: e.blob.offset)
             yield chunk
+        yield []  # so that damaged pages after the last chunk are said too
 
     def instances(self, selection: Selection) -> Iterator[Item | Rejected]:
         # Everything, when the whole backup is asked for: instances that no selection can reach
@@ -126,7 +130,7 @@ class BkpSource:
         wanted = None if selection.whole else self._owners(selection)["series"]
         # Each file's reader is told its share of the blobs, to decode frames a little ahead.
         def blobs(reader: BkpReader) -> Iterator[Blob]:
-            for chunk in reader.instance_chunks(wanted):
+            for chunk in reader.instance_chunks(wanted, damaged=[]):  # said below, when reached
                 yield from (e.blob for e in sorted(chunk, key=lambda e: e.blob.offset))
 
         for part in self.parts:
@@ -138,7 +142,14 @@ class BkpSource:
         n = 0
         for index, part in enumerate(self.parts):
             starts = [f.stream_offset for f in part.manifest.frames]
-            for chunk in self._chunks(part, wanted):
+            damaged: list[tuple[int, FormatError]] = []
+            for chunk in self._chunks(part, wanted, damaged):
+                for k, exc in damaged:  # a damaged page: its instances are unknown; the rest goes on
+                    count = part.manifest.pages[k].count if isinstance(part.manifest.pages, list) else 0
+                    yield Rejected(f"page {k} of {part.path.name}",
+                                   f"{exc}; the {count} instances it lists were not restored "
+                                   "(bkp salvage may recover them)")
+                damaged.clear()
                 for entry in chunk:
                     h = self._hierarchy(entry.record.series_uid)
                     if h is None:
@@ -160,7 +171,7 @@ class BkpSource:
         if of_instances:
             wanted = None if selection.whole else owners["series"]
             owners["instance"] = {e.record.sop_uid for part in self.parts
-                                  for chunk in part.instance_chunks(wanted) for e in chunk
+                                  for chunk in part.instance_chunks(wanted, damaged=[]) for e in chunk
                                   if e.record.sop_uid in of_instances
                                   and self._hierarchy(e.record.series_uid) is not None}
         for attrs in self.attribute_list.values():
@@ -193,7 +204,9 @@ class BkpTarget(ReadAheadTarget):
         # Instance entries wait here until a page is full, then go into the file as a page frame
         # (SPEC.md "Manifest pages"): memory holds one page, whatever the number of instances.
         self.page: dict[str, InstanceEntry] = {}
-        self.paged: set[int] = set()  # hash() of the SOP UIDs written out: a cheap "not there"
+        # The SOP UIDs written out in pages, as 16-byte BLAKE2b digests (about 80 bytes an
+        # instance): whether the file holds an instance, without reading pages back.
+        self.paged: set[bytes] = set()
         self.attributes: dict[tuple[str, str], Attributes] = {}
         self.attachments: dict[str, AttachmentEntry] = {}
 
@@ -201,7 +214,7 @@ class BkpTarget(ReadAheadTarget):
         entry = self.page.get(sop_uid)
         if entry is not None:
             return entry.record.sha256
-        if hash(sop_uid) in self.paged:  # rare: the same UID twice in a selection (or a hash collision)
+        if _uid_key(sop_uid) in self.paged:  # rare: the same UID twice in one selection
             for e in self.writer.written_entries():
                 if e.record.sop_uid == sop_uid:
                     return e.record.sha256
@@ -219,7 +232,7 @@ class BkpTarget(ReadAheadTarget):
 
     def put_instance(self, item: Item, policy: ConflictPolicy) -> tuple[Outcome, str]:
         rec = item.instance
-        seen = _seen_before(self.lookup(rec.sop_uid), rec.sha256)
+        seen = _seen_before(self.lookup(rec.sop_uid), rec.sha256 or _sha_if_known(self, item))
         if seen is not None:
             return seen
         blob, sha_or_reason, size = self._write(item.open, rec.sha256, f"instance {rec.sop_uid}")
@@ -229,7 +242,7 @@ class BkpTarget(ReadAheadTarget):
         self.page[rec.sop_uid] = InstanceEntry(record, blob)  # type: ignore[arg-type]
         if len(self.page) >= PAGE_ENTRIES:
             self.writer.add_page(list(self.page.values()))
-            self.paged.update(map(hash, self.page))
+            self.paged.update(map(_uid_key, self.page))
             self.page = {}
         self.patients.setdefault(item.patient.key, item.patient)
         self.studies.setdefault(item.study.study_uid, item.study)
@@ -245,7 +258,7 @@ class BkpTarget(ReadAheadTarget):
             return uid in self.studies
         if level == "series":
             return uid in self.series
-        return level == "instance" and self.lookup(uid) is not None
+        return level == "instance" and (uid in self.page or _uid_key(uid) in self.paged)
 
     def put_attributes(self, attrs: Attributes, policy: ConflictPolicy) -> tuple[Outcome, str]:
         if not self._holds(attrs.level, attrs.uid):
@@ -367,7 +380,7 @@ class BkpVolumesTarget(ReadAheadTarget):
 
     def put_instance(self, item: Item, policy: ConflictPolicy) -> tuple[Outcome, str]:
         rec = item.instance
-        seen = _seen_before(self.lookup(rec.sop_uid), rec.sha256)
+        seen = _seen_before(self.lookup(rec.sop_uid), rec.sha256 or _sha_if_known(self, item))
         if seen is not None:
             return seen
         records = (item.patient, item.study, item.series)
@@ -420,6 +433,22 @@ class BkpVolumesTarget(ReadAheadTarget):
             self.set.abort()
             return
         self.files = self.set.finish()
+
+
+def _uid_key(sop_uid: str) -> bytes:
+    return hashlib.blake2b(sop_uid.encode(), digest_size=16).digest()
+
+
+def _sha_if_known(target: BkpTarget | BkpVolumesTarget, item: Item) -> str:
+    """The SHA-256 of an item whose source did not say it (a folder), computed
+    only when the file already holds its UID: then the two must be compared."""
+    if target.lookup(item.instance.sop_uid) is None:
+        return ""
+    digest = hashlib.sha256()
+    with item.open() as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _seen_before(stored: str | None, sha256: str) -> tuple[Outcome, str] | None:

@@ -24,6 +24,7 @@ from dicomvault.engine import (
     ChecksumError,
     CorruptError,
     DicomvaultError,
+    FormatError,
     PassphraseRequiredError,
     TruncatedError,
     UnsupportedFeatureError,
@@ -76,8 +77,13 @@ class BkpReader:
     for a file that is not encrypted); without it an encrypted file raises
     ``PassphraseRequiredError``, with a wrong one ``WrongPassphraseError``."""
 
-    def __init__(self, path: str | os.PathLike[str], passphrase: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], passphrase: str | None = None, *,
+                 check_blobs: bool = True) -> None:
+        """``check_blobs=False`` skips the bounds and size checks of the manifest's
+        own blobs on opening (the validator reports them itself, and still wants
+        the pages read)."""
         self.path = Path(path)
+        self._check_blobs_on_open = check_blobs
         try:
             self.fh: BinaryIO = open(self.path, "rb")
         except OSError as exc:  # missing, unreadable, a directory: not a statement about the format
@@ -162,6 +168,8 @@ class BkpReader:
             if page.offset < self.data_start or page.offset + FRAME.size + page.stored > moff \
                     or page.count < 1:
                 raise CorruptError(f"page {k} has an inconsistent index entry")
+        if not self._check_blobs_on_open:
+            return
         for e in m.instances:
             self._check_blob(f"instance {e.record.sop_uid}", e.blob, e.record.size)
         for a in m.attachments:
@@ -184,23 +192,43 @@ class BkpReader:
         for chunk in self.instance_chunks(series):
             yield from chunk
 
-    def instance_chunks(self, series: set[str] | frozenset[str] | None = None
+    def instance_chunks(self, series: set[str] | frozenset[str] | None = None, *,
+                        damaged: list[tuple[int, FormatError]] | None = None
                         ) -> Iterator[list[InstanceEntry]]:
         """The instance entries (of ``series`` only, if given) a list at a time:
         the manifest's own, then one list per page (SPEC.md "Manifest pages").
-        A page whose index names none of ``series`` is not read."""
+        A page whose index names none of ``series`` is not read. A damaged
+        page raises, or, with ``damaged``, is noted there (page number, error)
+        and skipped."""
         own = [e for e in self.manifest.instances if series is None or e.record.series_uid in series]
         if own:
             yield own
         for k, page in enumerate(self.pages):
             if series is not None and series.isdisjoint(page.series):
                 continue
-            chunk = [e for e in self.read_page(k) if series is None or e.record.series_uid in series]
+            try:
+                entries = self.read_page(k)
+            except FormatError as exc:
+                if damaged is None:
+                    raise
+                damaged.append((k, exc))
+                continue
+            chunk = [e for e in entries if series is None or e.record.series_uid in series]
+            del entries
             if chunk:
                 yield chunk
 
     def read_page(self, k: int) -> list[InstanceEntry]:
-        """The entries of page ``k``, checked (SPEC.md section "Manifest pages")."""
+        """The entries of page ``k``, checked (SPEC.md section "Manifest pages");
+        the format's errors name the page."""
+        try:
+            return self._read_page(k)
+        except FormatError as exc:
+            if str(exc).startswith(f"page {k} "):
+                raise
+            raise type(exc)(f"page {k}: {exc}") from exc
+
+    def _read_page(self, k: int) -> list[InstanceEntry]:
         page = self.pages[k]
         fd = self.fh.fileno()
         ftype, codec, seq, stored, raw, check = unpack_frame_header(_pread(fd, FRAME.size, page.offset),

@@ -94,6 +94,7 @@ class _Out:
         self.instances: dict[str, InstanceEntry] = {}
         self.attachments: list[AttachmentEntry] = []
         self.attributes: list[Attributes] = []
+        self.not_instances: set[str] = set()  # SHA-256 of files a scan must not take for instances
 
     def finish(self) -> None:
         self.writer.finish(Manifest(major=0, minor=0, writer="", created="",
@@ -133,11 +134,14 @@ def salvage(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
             finally:
                 reader.close()
             if damaged_pages and encrypted:
+                result.instances_lost += sum(damaged_pages)
                 result.notes.append("the instances listed by damaged pages cannot be looked for in an "
                                     "encrypted file without their entries; they are lost")
             elif damaged_pages:  # what those pages listed may still be found in the frames
                 result.notes.append("scanning the frames for the instances of the damaged pages")
                 counted = result.frames_intact, result.frames_damaged  # already counted, once
+                # an attachment that is itself a DICOM file must not come back as an instance
+                out.not_instances = {a.record.sha256 for a in out.attachments}
                 _by_scan(src, out, result)
                 result.frames_intact, result.frames_damaged = counted
                 result.method, result.verified = "manifest+scan", False
@@ -154,16 +158,17 @@ def salvage(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
 
 
 # ---------------------------------------------------------------------- with the manifest
-def _entries(reader: BkpReader, result: SalvageResult) -> tuple[list[InstanceEntry], int]:
+def _entries(reader: BkpReader, result: SalvageResult) -> tuple[list[InstanceEntry], list[int]]:
     """The instance entries that can be read (the manifest's, the intact
-    pages'), and how many pages are damaged (each named in ``result.lost``)."""
+    pages'), and how many entries each damaged page lists (each page named
+    in ``result.lost``)."""
     entries = list(reader.manifest.instances)
-    damaged = 0
+    damaged: list[int] = []
     for k, page in enumerate(reader.pages):
         try:
             entries.extend(reader.read_page(k))
         except FormatError as exc:
-            damaged += 1
+            damaged.append(page.count)
             result.lost.append(f"page {k} of the manifest ({page.count} instances, not known by UID): {exc}")
     return entries, damaged
 
@@ -301,19 +306,23 @@ def _by_scan(src: Path, out: _Out, result: SalvageResult) -> None:
             cand: _Candidate | None = None
             tail = b""  # the last bytes of the previous frame: "DICM" may straddle two frames
             last_seq = -2
+            gap = False  # damage met since the last intact data frame
             try:
                 for frame in _frames(mm, result):
-                    if frame is None or frame[0] != last_seq + 1:
+                    if frame is None:
+                        # Damage that is not payload (a page frame, say) loses nothing: whether a
+                        # data frame went with it shows in the next one's seq.
+                        gap = True
+                        continue
+                    if frame[0] != last_seq + 1:
                         if cand is not None:  # its continuation is lost
                             _drop(cand)
                             cand = None
                         tail = b""
-                    if frame is None:
-                        last_seq = -2
-                        continue
+                    gap = False
                     last_seq, content = frame
                     cand, tail = _split(content, tail, cand, folder, out, result)
-                if cand is not None:
+                if cand is not None and not gap:  # damage at the very end: its continuation may be lost
                     _keep(cand, out, result)
                     cand = None
             finally:
@@ -403,6 +412,14 @@ def _data_set_end(path: Path) -> int | None:
             end = fh.tell()
 
 
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _keep(cand: _Candidate, out: _Out, result: SalvageResult) -> None:
     cand.fh.close()
     try:
@@ -415,6 +432,8 @@ def _keep(cand: _Candidate, out: _Out, result: SalvageResult) -> None:
             return
         rec: InstanceRecord = header.instance
         if rec.sop_uid in out.instances:
+            return
+        if out.not_instances and _file_sha256(cand.path) in out.not_instances:
             return
         digest = hashlib.sha256()
         with open(cand.path, "rb") as fh:

@@ -331,9 +331,10 @@ class _Checker:
         if not pages:
             return entries
         try:
-            reader = BkpReader(self.path, passphrase=self.passphrase)
-        except (FormatError, PassphraseError):
-            return entries  # already reported
+            reader = BkpReader(self.path, passphrase=self.passphrase, check_blobs=False)
+        except (FormatError, PassphraseError) as exc:
+            self.add("page.unchecked", f"the {len(pages)} pages were not read: {exc}")
+            return entries
         try:
             for k, pe in enumerate(pages):
                 try:
@@ -420,7 +421,7 @@ class _Checker:
         and, with ``deep``, every data frame's payload checksum."""
         seq = 0
         for at, (ftype, _codec, fseq, stored, _raw, check) in self.chain(moff):
-            if ftype == FRAME_PAGE and deep:
+            if ftype == FRAME_PAGE:  # part of the manifest: validate checks it too
                 if self.stream_xxh3(at + FRAME.size, stored) != check:
                     self.add("page.checksum", f"page frame at offset {at} is damaged (checksum mismatch)", at)
             if ftype != FRAME_DATA:

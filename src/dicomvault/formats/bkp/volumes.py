@@ -173,6 +173,12 @@ def fits_alone(limit: int, size: int, cost: int, writer: str) -> bool:
     return size_at_most(size, cost, base_cost(writer)) <= limit
 
 
+@dataclass(frozen=True)
+class DoneVolume:
+    index: int
+    path: Path  # its hidden name until the set is complete
+
+
 @dataclass
 class OpenVolume:
     index: int
@@ -235,7 +241,8 @@ class VolumeSetWriter:
         self.writer_factory = writer_factory
         self.passphrase = passphrase  # each volume is encrypted on its own (own salt, own key)
         self.set_id = os.urandom(16).hex()
-        self.done: list[OpenVolume] = []  # finished, under their hidden names
+        # finished, under their hidden names: only where they are (not their entries or buffers)
+        self.done: list[DoneVolume] = []
         self.renamed: list[Path] = []
         self.closed = False
         self.current = self._new_volume(1)
@@ -272,7 +279,7 @@ class VolumeSetWriter:
         except BaseException:
             vol.writer.abort()
             raise
-        self.done.append(vol)
+        self.done.append(DoneVolume(vol.index, vol.path))
         size = vol.path.stat().st_size
         if size > self.limit:  # cannot happen: the estimate is an upper bound
             raise VolumeSizeError(f"volume {vol.index} came out at {size} bytes, over the "
@@ -436,7 +443,9 @@ class Part:
             if self._reader is not None and blobs is not None:
                 self._reader.plan(blobs(self._reader))
 
-    def instance_chunks(self, series: set[str] | None = None) -> Iterator[list[InstanceEntry]]:
+    def instance_chunks(self, series: set[str] | None = None, *,
+                        damaged: list[tuple[int, FormatError]] | None = None
+                        ) -> Iterator[list[InstanceEntry]]:
         """The file's instance entries (of ``series`` only, if given), a list at a
         time: the manifest's own, then one per page (SPEC.md "Manifest pages").
         A volume that holds none of ``series`` is not opened for this (its
@@ -461,6 +470,12 @@ class Part:
                 self._streams += 1  # held open while the page is read (release() may come meanwhile)
             try:
                 entries = reader.read_page(k)
+            except FormatError as exc:  # named with the file: a set has several
+                named = type(exc)(f"{self.path.name}: {exc}")
+                if damaged is None:
+                    raise named from exc
+                damaged.append((k, named))
+                continue
             finally:
                 self._stream_closed()
             chunk = [e for e in entries if series is None or e.record.series_uid in series]

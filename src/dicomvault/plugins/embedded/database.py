@@ -45,6 +45,8 @@ from . import catalog as cat
 from .collect import Collected, collect
 from .store import ContentStore, Staged
 
+ROWS_AT_ONCE = 1000  # instance rows read at a time by a source (memory does not grow with a series)
+_NO_NUMBER = -(1 << 62)  # sorts instances without an Instance Number first, as NULL does
 COMMIT_EVERY_ITEMS = 500
 COMMIT_EVERY_SECONDS = 2.0
 OWN_NAMES = {"catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm", "catalog.sqlite-journal",
@@ -275,12 +277,22 @@ class EmbeddedSource:
 
     def instances(self, selection: Selection) -> Iterator[Item | Rejected]:
         for p, st, se, series_id in self._series(selection):
-            rows = self.conn.execute(f"SELECT {cat.INSTANCE_COLS} FROM instances i JOIN series se "
-                                     "ON i.series = se.id WHERE se.id = ? ORDER BY i.number, i.sop_uid",
-                                     (series_id,)).fetchall()
-            for row in rows:
-                rec = cat.instance_of(row)
-                yield Item(rec, se, st, p, self._opener(rec.sha256))
+            # A series at a time, in pieces (keyset: what was handed out is never asked for
+            # again, whatever changes meanwhile): a series of 100,000 instances costs one piece.
+            after: tuple[int, str] = (_NO_NUMBER - 1, "")
+            while True:
+                rows = self.conn.execute(  # plain SQL: PostgreSQL runs it too
+                    f"SELECT {cat.INSTANCE_COLS}, coalesce(i.number, ?) FROM instances i "
+                    "JOIN series se ON i.series = se.id WHERE se.id = ? "
+                    "AND (coalesce(i.number, ?), i.sop_uid) > (?, ?) "
+                    "ORDER BY coalesce(i.number, ?), i.sop_uid LIMIT ?",
+                    (_NO_NUMBER, series_id, _NO_NUMBER, *after, _NO_NUMBER, ROWS_AT_ONCE)).fetchall()
+                for row in rows:
+                    rec = cat.instance_of(row[:-1])
+                    yield Item(rec, se, st, p, self._opener(rec.sha256))
+                if len(rows) < ROWS_AT_ONCE:
+                    break
+                after = (rows[-1][-1], rows[-1][0])
 
     def _owners(self, selection: Selection) -> dict[str, set[str]]:
         owners: dict[str, set[str]] = {"patient": set(), "study": set(), "series": set()}
