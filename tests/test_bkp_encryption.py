@@ -467,3 +467,26 @@ def test_spec_key_derivation_and_key_check_vector() -> None:
     assert crypto._key_check(cipher, params) == check
     assert cipher.seal(FRAME_DATA, 0, 0, 5, b"dicom") == sealed
     assert cipher.open(FRAME_DATA, 0, 0, 5, sealed, "frame 0") == b"dicom"
+
+
+def test_reopening_a_file_derives_its_key_once(corpus: Corpus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A volume of a set is closed and reopened while a restore or a compare goes on: the
+    key of a file is derived once per process, not once per opening (scrypt is slow on purpose:
+    a compare of an encrypted set once ran thousands of derivations)."""
+    crypto.derive_key.cache_clear()
+    calls: list[int] = []
+    real = hashlib.scrypt
+
+    def counting(*args: object, **kwargs: object) -> bytes:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(crypto.hashlib, "scrypt", counting)
+    for _ in range(3):
+        BkpReader(corpus.encrypted, passphrase=PASSPHRASE).close()
+    assert len(calls) == 1
+    with pytest.raises(WrongPassphraseError):  # a wrong passphrase is still refused, each time
+        BkpReader(corpus.encrypted, passphrase="not it").close()
+    with pytest.raises(WrongPassphraseError):
+        BkpReader(corpus.encrypted, passphrase="not it").close()
+    assert len(calls) == 2

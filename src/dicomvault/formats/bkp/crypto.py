@@ -12,6 +12,7 @@ hungry); AES-GCM itself runs in OpenSSL through ``cryptography``.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import struct
@@ -62,6 +63,7 @@ def passphrase_bytes(passphrase: str) -> bytes:
     return unicodedata.normalize("NFC", passphrase).encode("utf-8")
 
 
+@functools.lru_cache(maxsize=64)  # a file reopened (a volume of a set read again) costs no second scrypt
 def derive_key(passphrase: str, salt: bytes, log2_n: int, r: int, p: int) -> bytes:
     return hashlib.scrypt(passphrase_bytes(passphrase), salt=salt, n=1 << log2_n, r=r, p=p,
                           maxmem=MAX_SCRYPT_MEMORY + (1 << 24), dklen=32)
