@@ -609,7 +609,7 @@ def test_header_round_trips_64_bit_creation_time(value: int) -> None:
     file_id = os.urandom(16)
     raw = pack_header(file_id, value)
     assert len(raw) == HEADER.size
-    assert unpack_header(raw) == (layout.MAJOR, 0, file_id, value)  # minor: what the writer says
+    assert unpack_header(raw) == (layout.MAJOR, layout.MINOR, file_id, value)
 
 
 @pytest.mark.parametrize("bad", [-1, 2**64, 2**64 + 2**31])

@@ -28,7 +28,7 @@ from .hookspecs import hookimpl
 from .interfaces import Database, Kind, Operation, ReadAheadTarget, Source, Target, TreeNode
 from .leftovers import writer_is_gone, writer_tag
 from .manager import Hooks, make_plugin_manager
-from .run import transfer
+from .run import sha256_of, transfer
 from .types import (
     AttachmentRecord,
     Attributes,
@@ -60,5 +60,5 @@ __all__ = [
     "Selection", "SeriesRecord", "Source", "StudyRecord", "Target", "TargetError", "TreeNode",
     "TruncatedError", "UnsupportedFeatureError", "UnsupportedVersionError", "UsageError",
     "VolumeSetError", "WrongPassphraseError", "default_database_url", "hookimpl", "make_plugin_manager",
-    "patient_key", "read_ahead", "stream_views", "transfer", "writer_is_gone", "writer_tag",
+    "patient_key", "read_ahead", "sha256_of", "stream_views", "transfer", "writer_is_gone", "writer_tag",
 ]

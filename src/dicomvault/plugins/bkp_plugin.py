@@ -30,6 +30,7 @@ from dicomvault.engine import (
     TargetError,
     UsageError,
     hookimpl,
+    sha256_of,
 )
 from dicomvault.formats.bkp.manifest import AttachmentEntry, Blob, InstanceEntry, Manifest
 from dicomvault.formats.bkp.reader import BkpReader
@@ -112,17 +113,6 @@ class BkpSource:
                 owners["series"].add(h[2].series_uid)
         return owners
 
-    def _chunks(self, part: Part, series: set[str] | None,
-                damaged: list[tuple[int, FormatError]]) -> Iterator[list[InstanceEntry]]:
-        """A file's entries a list at a time, each in payload order, so frames
-        are read front to back (the writer appends in entry order; a file
-        written otherwise is still read right, only less smoothly). Damaged
-        pages are noted in ``damaged`` and skipped."""
-        for chunk in part.instance_chunks(series, damaged=damaged):
-            chunk.sort(key=lambda e: e.blob.offset)
-            yield chunk
-        yield []  # so that damaged pages after the last chunk are said too
-
     def instances(self, selection: Selection) -> Iterator[Item | Rejected]:
         # Everything, when the whole backup is asked for: instances that no selection can reach
         # (their series, study or patient record is missing) are then said once each, rather
@@ -130,8 +120,8 @@ class BkpSource:
         wanted = None if selection.whole else self._owners(selection)["series"]
         # Each file's reader is told its share of the blobs, to decode frames a little ahead.
         def blobs(reader: BkpReader) -> Iterator[Blob]:
-            for chunk in reader.instance_chunks(wanted, damaged=[]):  # said below, when reached
-                yield from (e.blob for e in sorted(chunk, key=lambda e: e.blob.offset))
+            for chunk in _in_payload_order(reader.instance_chunks(wanted, damaged=[])):  # said below
+                yield from (e.blob for e in chunk)
 
         for part in self.parts:
             part.plan(blobs)
@@ -143,13 +133,8 @@ class BkpSource:
         for index, part in enumerate(self.parts):
             starts = [f.stream_offset for f in part.manifest.frames]
             damaged: list[tuple[int, FormatError]] = []
-            for chunk in self._chunks(part, wanted, damaged):
-                for k, exc in damaged:  # a damaged page: its instances are unknown; the rest goes on
-                    count = part.manifest.pages[k].count if isinstance(part.manifest.pages, list) else 0
-                    yield Rejected(f"page {k} of {part.path.name}",
-                                   f"{exc}; the {count} instances it lists were not restored "
-                                   "(bkp salvage may recover them)")
-                damaged.clear()
+            for chunk in _in_payload_order(part.instance_chunks(wanted, damaged=damaged)):
+                yield from _damaged_pages(part, damaged)
                 for entry in chunk:
                     h = self._hierarchy(entry.record.series_uid)
                     if h is None:
@@ -161,6 +146,7 @@ class BkpSource:
                         behind.pop(0)[1].release()
                     batch = (index, bisect.bisect_right(starts, entry.blob.offset))
                     yield Item(entry.record, h[2], h[1], h[0], self._opener(part, entry.blob), batch=batch)
+            yield from _damaged_pages(part, damaged)
             behind.append((n, part))
 
     def attributes(self, selection: Selection) -> Iterator[Attributes]:
@@ -232,7 +218,7 @@ class BkpTarget(ReadAheadTarget):
 
     def put_instance(self, item: Item, policy: ConflictPolicy) -> tuple[Outcome, str]:
         rec = item.instance
-        seen = _seen_before(self.lookup(rec.sop_uid), rec.sha256 or _sha_if_known(self, item))
+        seen = _seen_before(self.lookup(rec.sop_uid), item)
         if seen is not None:
             return seen
         blob, sha_or_reason, size = self._write(item.open, rec.sha256, f"instance {rec.sop_uid}")
@@ -380,7 +366,7 @@ class BkpVolumesTarget(ReadAheadTarget):
 
     def put_instance(self, item: Item, policy: ConflictPolicy) -> tuple[Outcome, str]:
         rec = item.instance
-        seen = _seen_before(self.lookup(rec.sop_uid), rec.sha256 or _sha_if_known(self, item))
+        seen = _seen_before(self.lookup(rec.sop_uid), item)
         if seen is not None:
             return seen
         records = (item.patient, item.study, item.series)
@@ -435,27 +421,33 @@ class BkpVolumesTarget(ReadAheadTarget):
         self.files = self.set.finish()
 
 
+def _in_payload_order(chunks: Iterable[list[InstanceEntry]]) -> Iterator[list[InstanceEntry]]:
+    """Each list of entries sorted by blob offset, so frames are read front to back (the
+    writer appends in entry order; a file written otherwise is read right, only less smoothly)."""
+    for chunk in chunks:
+        chunk.sort(key=lambda e: e.blob.offset)
+        yield chunk
+
+
+def _damaged_pages(part: Part, damaged: list[tuple[int, FormatError]]) -> Iterator[Rejected]:
+    """A damaged page: its instances are unknown, the rest of the file goes on."""
+    for k, exc in damaged:
+        count = part.manifest.pages[k].count if isinstance(part.manifest.pages, list) else 0
+        yield Rejected(f"page {k} of {part.path.name}", f"{exc}; the {count} instances it lists "
+                       "were not restored (bkp salvage may recover them)")
+    damaged.clear()
+
+
 def _uid_key(sop_uid: str) -> bytes:
     return hashlib.blake2b(sop_uid.encode(), digest_size=16).digest()
 
 
-def _sha_if_known(target: BkpTarget | BkpVolumesTarget, item: Item) -> str:
-    """The SHA-256 of an item whose source did not say it (a folder), computed
-    only when the file already holds its UID: then the two must be compared."""
-    if target.lookup(item.instance.sop_uid) is None:
-        return ""
-    digest = hashlib.sha256()
-    with item.open() as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _seen_before(stored: str | None, sha256: str) -> tuple[Outcome, str] | None:
-    """The outcome for a SOP Instance UID the file already holds (``stored``: its SHA-256)."""
+def _seen_before(stored: str | None, item: Item) -> tuple[Outcome, str] | None:
+    """The outcome for a SOP Instance UID the file already holds (``stored``: its SHA-256);
+    the item's bytes are hashed only then, when its source did not say their SHA-256."""
     if stored is None:
         return None
-    if not sha256 or stored == sha256:
+    if stored == sha256_of(item):
         return Outcome.UNCHANGED, ""
     return Outcome.CONFLICT, "the selection holds two different instances with this UID"
 

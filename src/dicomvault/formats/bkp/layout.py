@@ -65,8 +65,9 @@ def xxh3(data: bytes | bytearray | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
-def pack_header(file_id: bytes, created: int, flags: int = 0, minor: int = 0) -> bytes:
-    """Writers write the lowest minor version that expresses the file (SPEC.md section 9)."""
+def pack_header(file_id: bytes, created: int, flags: int = 0, minor: int = MINOR) -> bytes:
+    """``minor``: the version the writer commits to before it knows the file's
+    content (SPEC.md section 9); tests write older ones."""
     body = HEADER.pack(HEADER_MAGIC, MAJOR, minor, flags, file_id, created, bytes(16), 0)[:56]
     return body + struct.pack("<Q", xxh3(body))
 

@@ -214,25 +214,19 @@ class BkpReader:
                 damaged.append((k, exc))
                 continue
             chunk = [e for e in entries if series is None or e.record.series_uid in series]
-            del entries
             if chunk:
                 yield chunk
 
     def read_page(self, k: int) -> list[InstanceEntry]:
         """The entries of page ``k``, checked (SPEC.md section "Manifest pages");
         the format's errors name the page."""
-        try:
-            return self._read_page(k)
-        except FormatError as exc:
-            if str(exc).startswith(f"page {k} "):
-                raise
-            raise type(exc)(f"page {k}: {exc}") from exc
-
-    def _read_page(self, k: int) -> list[InstanceEntry]:
         page = self.pages[k]
         fd = self.fh.fileno()
-        ftype, codec, seq, stored, raw, check = unpack_frame_header(_pread(fd, FRAME.size, page.offset),
-                                                                   page.offset)
+        try:
+            head = unpack_frame_header(_pread(fd, FRAME.size, page.offset), page.offset)
+        except FormatError as exc:
+            raise type(exc)(f"page {k}: {exc}") from exc
+        ftype, codec, seq, stored, raw, check = head
         if ftype != FRAME_PAGE or seq != PAGE_SEQ_BASE + k or stored != page.stored or raw != page.raw \
                 or codec != page.codec:
             raise CorruptError(f"page {k} at offset {page.offset} does not match the index")
@@ -254,7 +248,7 @@ class BkpReader:
             raise CorruptError(f"page {k} holds {len(entries)} entries, its index says {page.count}")
         named = set(page.series)
         for e in entries:
-            self._check_blob(f"instance {e.record.sop_uid}", e.blob, e.record.size)
+            self._check_blob(f"page {k}: instance {e.record.sop_uid}", e.blob, e.record.size)
             if e.record.series_uid not in named:
                 raise CorruptError(f"page {k}: instance {e.record.sop_uid} is of a series its index "
                                    "does not name")
@@ -527,9 +521,9 @@ class _BlobStream(io.RawIOBase):
             self.reader.done_with(self._next)
             self._next += 1
 
-    def _frame(self) -> tuple[bytes, int, int]:
-        """The frame holding ``pos``: its content, where ``pos`` is in it, how
-        much of the blob it still holds."""
+    def _frame(self) -> tuple[int, bytes, int, int]:
+        """The frame holding ``pos``: its number, its content, where ``pos`` is
+        in it, how much of the blob it still holds."""
         index = self.reader.frame_of(self.pos)
         fe = self.reader.manifest.frames[index]
         if self._held is not None and self._held[0] == index:
@@ -540,10 +534,9 @@ class _BlobStream(io.RawIOBase):
             data = self.reader.read_frame(index)
             self._held = (index, data)
         start = self.pos - fe.stream_offset
-        return data, start, min(self.end - self.pos, fe.raw - start)
+        return index, data, start, min(self.end - self.pos, fe.raw - start)
 
-    def _advance(self, n: int) -> None:
-        index = self._held[0] if self._held is not None else self.reader.frame_of(self.pos)
+    def _advance(self, index: int, n: int) -> None:
         fe = self.reader.manifest.frames[index]
         self.pos += n
         if self.pos == fe.stream_offset + fe.raw or self.pos == self.end:
@@ -554,11 +547,11 @@ class _BlobStream(io.RawIOBase):
         if self.pos >= self.end:
             return 0
         self._touched = True
-        data, start, left = self._frame()
+        index, data, start, left = self._frame()
         n = min(len(buffer), left)
         with memoryview(data) as view:  # a slice of a memoryview: no copy of the frame's bytes
             buffer[:n] = view[start:start + n]
-        self._advance(n)
+        self._advance(index, n)
         return n
 
     def views(self) -> Iterator[memoryview]:
@@ -566,10 +559,10 @@ class _BlobStream(io.RawIOBase):
         if self._touched:
             raise ValueError("views() of a blob stream that was read from")
         while self.pos < self.end:
-            data, start, n = self._frame()
+            index, data, start, n = self._frame()
             view = memoryview(data)[start:start + n].toreadonly()
             try:
                 yield view
             finally:
                 view.release()
-            self._advance(n)
+            self._advance(index, n)

@@ -274,19 +274,19 @@ class _Checker:
         seen: set[int] = set()
         pages = m.pages if isinstance(m.pages, list) else []
         page_index = {pe.offset: k for k, pe in enumerate(pages)}
-        pages_seen: set[int] = set()
+        pages_seen: set[int] = set()  # index entries that point at a page frame of the chain
         seq = 0
         for at, (ftype, codec, fseq, stored, raw, _check) in self.chain(moff):
             if ftype == FRAME_PAGE:
                 k = page_index.get(at)
                 if k is None:
                     self.add("page.unlisted", f"page frame at offset {at} is not in the page index", at)
-                elif (fseq, stored, raw, codec) != (PAGE_SEQ_BASE + k, pages[k].stored, pages[k].raw,
-                                                    pages[k].codec):
+                    continue
+                pages_seen.add(k)
+                if (fseq, stored, raw, codec) != (PAGE_SEQ_BASE + k, pages[k].stored, pages[k].raw,
+                                                  pages[k].codec):
                     self.add("page.mismatch", f"page frame at offset {at} does not match page index "
                              f"entry {k}", at)
-                else:
-                    pages_seen.add(k)
                 continue
             if ftype != FRAME_DATA:
                 continue
@@ -311,8 +311,7 @@ class _Checker:
                 self.add("index.bounds", f"index entry {i} points outside the frames ({fe.offset})",
                          fe.offset)
         for k, pe in enumerate(pages):
-            if k not in pages_seen and not any(f.code == "page.mismatch" and f.offset == pe.offset
-                                               for f in self.result.findings):
+            if k not in pages_seen:
                 self.add("page.unvisited", f"page index entry {k} points at offset {pe.offset}, which is "
                          "not a page frame of the chain", pe.offset)
         listed = FEATURE_PAGES in m.required_features

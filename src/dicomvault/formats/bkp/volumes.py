@@ -446,41 +446,19 @@ class Part:
     def instance_chunks(self, series: set[str] | None = None, *,
                         damaged: list[tuple[int, FormatError]] | None = None
                         ) -> Iterator[list[InstanceEntry]]:
-        """The file's instance entries (of ``series`` only, if given), a list at a
-        time: the manifest's own, then one per page (SPEC.md "Manifest pages").
-        A volume that holds none of ``series`` is not opened for this (its
-        series records say which series it holds)."""
+        """The file's instance entries as :meth:`BkpReader.instance_chunks` gives
+        them, the file held open meanwhile (a release() closes it after). A
+        volume that holds none of ``series`` is not opened for this (its series
+        records say which series it holds)."""
         if series is not None and series.isdisjoint(se.series_uid for se in self.manifest.series):
             return
         with self._lock:
             reader = self._get()
-            self._streams += 1  # held open while its entries are handed out (release() may come)
+            self._streams += 1
         try:
-            own = [e for e in reader.manifest.instances if series is None or e.record.series_uid in series]
+            yield from reader.instance_chunks(series, damaged=damaged)
         finally:
             self._stream_closed()
-        if own:
-            yield own
-        pages = self.manifest.pages if isinstance(self.manifest.pages, list) else []
-        for k, page in enumerate(pages):
-            if series is not None and series.isdisjoint(page.series):
-                continue
-            with self._lock:
-                reader = self._get()
-                self._streams += 1  # held open while the page is read (release() may come meanwhile)
-            try:
-                entries = reader.read_page(k)
-            except FormatError as exc:  # named with the file: a set has several
-                named = type(exc)(f"{self.path.name}: {exc}")
-                if damaged is None:
-                    raise named from exc
-                damaged.append((k, named))
-                continue
-            finally:
-                self._stream_closed()
-            chunk = [e for e in entries if series is None or e.record.series_uid in series]
-            if chunk:
-                yield chunk
 
     def open_blob(self, blob: Blob) -> BinaryIO:
         with self._lock:

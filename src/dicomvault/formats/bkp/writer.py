@@ -129,7 +129,7 @@ class BkpWriter:
         self.tmp = Path(tmp)
         self.fh = os.fdopen(fd, "wb", buffering=1 << 20)
         # 1.1 from the start, pages or not: the header is never rewritten (SPEC.md section 9)
-        self.fh.write(pack_header(self.file_id, time.time_ns(), FLAG_ENCRYPTED if self.cipher else 0, MINOR))
+        self.fh.write(pack_header(self.file_id, time.time_ns(), FLAG_ENCRYPTED if self.cipher else 0))
         self.pos = 64
         if self.cipher is not None:  # the key frame: stored as is, not encrypted, not in the index
             self.fh.write(pack_frame_header(FRAME_KEY, CODEC_NONE, 0, len(key_frame), len(key_frame),
@@ -233,7 +233,7 @@ class BkpWriter:
     def add_page(self, entries: list[InstanceEntry]) -> None:
         """Write instance entries out as a page frame (SPEC.md section "Manifest
         pages"), so that they need not be kept until the manifest: the caller
-        drops them. The file becomes version 1.1."""
+        drops them."""
         if self.failed is not None:
             raise self.failed
         if not entries:
@@ -255,7 +255,7 @@ class BkpWriter:
             self.fh.flush()
         except OSError as exc:
             raise self._fail(exc) from exc
-        for k, page in enumerate(list(self.pages)):
+        for k, page in enumerate(self.pages):
             payload = os.pread(self.fh.fileno(), page.stored, page.offset + 48)
             if self.cipher is not None:
                 payload = self.cipher.open(FRAME_PAGE, page.codec, PAGE_SEQ_BASE + k, page.raw, payload,
