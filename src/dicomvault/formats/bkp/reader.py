@@ -221,25 +221,10 @@ class BkpReader:
         """The entries of page ``k``, checked (SPEC.md section "Manifest pages");
         the format's errors name the page."""
         page = self.pages[k]
-        fd = self.fh.fileno()
-        try:
-            head = unpack_frame_header(_pread(fd, FRAME.size, page.offset), page.offset)
-        except FormatError as exc:
-            raise type(exc)(f"page {k}: {exc}") from exc
-        ftype, codec, seq, stored, raw, check = head
-        if ftype != FRAME_PAGE or seq != PAGE_SEQ_BASE + k or stored != page.stored or raw != page.raw \
-                or codec != page.codec:
-            raise CorruptError(f"page {k} at offset {page.offset} does not match the index")
-        if raw > MAX_MANIFEST:
-            raise CorruptError(f"page {k}: length {raw} is implausible")
-        payload = _pread(fd, stored, page.offset + FRAME.size)
-        with self._lock:
-            self.bytes_read += FRAME.size + len(payload)
-        if len(payload) != stored:
-            raise TruncatedError(f"truncated .bkp file: page {k} is incomplete")
-        if xxh3(payload) != check:
-            raise ChecksumError(f"page {k} at offset {page.offset} is damaged (checksum mismatch)")
-        data = self._decode(payload, codec, raw, f"page {k}", ftype=FRAME_PAGE, seq=seq)
+        if page.raw > MAX_MANIFEST:
+            raise CorruptError(f"page {k}: length {page.raw} is implausible")
+        data = self._read_indexed_frame(f"page {k}", page.offset, FRAME_PAGE, PAGE_SEQ_BASE + k,
+                                        page.stored, page.raw, page.codec)
         try:
             entries = page_decoder.decode(data)
         except msgspec.MsgspecError as exc:
@@ -388,19 +373,28 @@ class BkpReader:
 
     def _load_frame(self, index: int) -> bytes:
         fe = self.manifest.frames[index]
+        return self._read_indexed_frame(f"frame {index}", fe.offset, FRAME_DATA, index, fe.stored, fe.raw,
+                                        fe.codec)
+
+    def _read_indexed_frame(self, what: str, offset: int, ftype: int, seq: int, stored: int, raw: int,
+                            codec: int) -> bytes:
+        """The content of the frame an index entry points at (a data frame, a
+        page), checked against the entry and its checksums (SPEC.md 10.2, 10.4)."""
         fd = self.fh.fileno()
-        head = _pread(fd, FRAME.size, fe.offset)
-        ftype, codec, seq, stored, raw, check = unpack_frame_header(head, fe.offset)
-        if ftype != FRAME_DATA or seq != index or stored != fe.stored or raw != fe.raw or codec != fe.codec:
-            raise CorruptError(f"frame {index} at offset {fe.offset} does not match the index")
-        payload = _pread(fd, stored, fe.offset + FRAME.size)
+        try:
+            head = unpack_frame_header(_pread(fd, FRAME.size, offset), offset)
+        except FormatError as exc:
+            raise type(exc)(f"{what}: {exc}") from exc
+        if head[:5] != (ftype, codec, seq, stored, raw):
+            raise CorruptError(f"{what} at offset {offset} does not match the index")
+        payload = _pread(fd, stored, offset + FRAME.size)
         with self._lock:
             self.bytes_read += FRAME.size + len(payload)
         if len(payload) != stored:
-            raise TruncatedError(f"truncated .bkp file: frame {index} is incomplete")
-        if xxh3(payload) != check:
-            raise ChecksumError(f"frame {index} at offset {fe.offset} is damaged (checksum mismatch)")
-        return self._decode(payload, codec, raw, f"frame {index}", seq=index)
+            raise TruncatedError(f"truncated .bkp file: {what} is incomplete")
+        if xxh3(payload) != head[5]:
+            raise ChecksumError(f"{what} at offset {offset} is damaged (checksum mismatch)")
+        return self._decode(payload, codec, raw, what, ftype=ftype, seq=seq)
 
     def done_with(self, index: int) -> None:
         """A blob stream has read what it needs of frame ``index``."""
