@@ -33,6 +33,24 @@ def assert_clean_error(err: str) -> None:
     assert "dicomvault: error: " in err, err
 
 
+# ----------------------------------------------------------------- start-up cost
+# Loaded only by the commands that need them: each costs tens of milliseconds at a cold start,
+# which a restore or a script calling dicomvault many times would otherwise pay every run.
+HEAVY_AT_START = ("rich", "cryptography", "multiprocessing", "urllib.request", "ssl", "pydicom")
+
+
+def test_a_plain_command_loads_no_heavy_module(tmp_path: Path) -> None:
+    golden = Path(__file__).parent / "golden" / "bkp" / "v1" / "basic.bkp"
+    env = dict(os.environ, DICOMVAULT_DB=str(tmp_path / "db"), DICOMVAULT_DISABLE_PLUGIN_AUTOLOAD="1")
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "dicomvault", "bkp", "inspect",
+                           str(golden)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    loaded = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
+              if line.startswith("import time:") and "|" in line}
+    assert "dicomvault.formats.bkp.reader" in loaded  # the check sees what was loaded
+    assert not [m for m in loaded if m in HEAVY_AT_START or m.split(".")[0] in HEAVY_AT_START]
+
+
 # ----------------------------------------------------------------- help and version
 def test_python_dash_m_help(tmp_path: Path) -> None:
     proc = run_dv("--help", cwd=tmp_path)

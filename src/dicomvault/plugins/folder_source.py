@@ -10,7 +10,6 @@ import collections
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -30,6 +29,8 @@ from dicomvault.engine import (
 
 BATCH = 64  # files per work item for the header-parsing processes
 if TYPE_CHECKING:  # the probe imports pydicom: loaded when files are read, not at start-up
+    from concurrent.futures import Future
+
     from dicomvault.dicom.probe import Header
 
     Probed = Header | tuple[str, bool]
@@ -83,6 +84,8 @@ class FolderSource:
             for batch in itertools.chain([first], batches):
                 yield from self._items(batch, map(_probe, batch), now, selection)
             return
+        # Imported here: multiprocessing costs every other command tens of milliseconds at start.
+        from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(self.jobs) as pool:
             # A bounded window of batches in flight: memory stays flat however
             # many files there are, and the workers never wait for the walk.

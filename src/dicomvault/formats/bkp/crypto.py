@@ -17,9 +17,7 @@ import hashlib
 import os
 import struct
 import unicodedata
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from typing import TYPE_CHECKING
 
 from dicomvault.engine import (
     ChecksumError,
@@ -31,6 +29,9 @@ from dicomvault.engine import (
 
 from .layout import CODEC_NONE, FRAME_KEY
 from .manifest import FEATURE_ENCRYPTION as FEATURE  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 KDF_SCRYPT = 1
 CIPHER_AES_256_GCM = 1
@@ -73,7 +74,10 @@ class FrameCipher:
     """Seals and opens the frames of one file under its key."""
 
     def __init__(self, key: bytes, file_id: bytes, nonce_prefix: bytes) -> None:
-        self._aead = AESGCM(key)
+        # Imported here: only encrypted files need OpenSSL's AES-GCM, and loading it costs
+        # every other run tens of milliseconds at start.
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        self._aead: AESGCM = AESGCM(key)
         self.file_id = file_id
         self.nonce_prefix = nonce_prefix
 
@@ -94,6 +98,7 @@ class FrameCipher:
         if len(payload) - TAG_SIZE > MAX_SEALED_CONTENT:
             raise UnsupportedFeatureError(f"{what}: an encrypted frame of {len(payload)} bytes exceeds "
                                           f"this release's limit of {MAX_SEALED_CONTENT + TAG_SIZE}")
+        from cryptography.exceptions import InvalidTag
         try:
             return self._aead.decrypt(self._nonce(seq), payload, self.aad(ftype, codec, seq, raw))
         except InvalidTag:
@@ -142,6 +147,7 @@ def open_key_frame(payload: bytes, passphrase: str, file_id: bytes) -> FrameCiph
     _check_params(log2_n, r, p)
     cipher = FrameCipher(derive_key(passphrase, salt, log2_n, r, p), file_id, nonce_prefix)
     aad = cipher.aad(FRAME_KEY, CODEC_NONE, 0, KEY_TABLE.size) + payload[:KEY_PARAMS_SIZE]
+    from cryptography.exceptions import InvalidTag
     try:
         plain = cipher._aead.decrypt(cipher._nonce(KEY_CHECK_COUNTER), check, aad)
     except InvalidTag:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import socket
-import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from . import dimse, pdu
+
+if TYPE_CHECKING:
+    import ssl
 
 FRAGMENT_CAP = 1 << 20  # our largest P-DATA fragment when the server sets no limit
 
@@ -76,6 +78,7 @@ class Association:
                 self.refused.setdefault(abstract, pdu.CONTEXT_RESULTS.get(result, f"result {result}"))
         self.message_id = 0
         self.alive = True
+        import ssl  # here, as below: loading it costs every command at start, and only C-STORE needs it
         self._plain = not isinstance(sock, ssl.SSLSocket)
 
     # ------------------------------------------------------------------ setting up
@@ -84,6 +87,7 @@ class Association:
         """Connect and negotiate ``contexts`` (abstract syntax, transfer syntaxes), at most 128."""
         if not 0 < len(contexts) <= 128:
             raise ValueError(f"{len(contexts)} presentation contexts: 1 to 128 per association")
+        import ssl
         proposed = {2 * i + 1: (abstract, list(syntaxes)) for i, (abstract, syntaxes) in enumerate(contexts)}
         try:
             raw = socket.create_connection((peer.host, peer.port), timeout=peer.timeouts.network)

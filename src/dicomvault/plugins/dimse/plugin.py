@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import argparse
 import signal
-import ssl
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicomvault.engine import (
     AttachmentRecord,
@@ -32,6 +31,9 @@ from .association import Peer, Timeouts
 from .contexts import ContextPlan
 from .target import DicomTarget, ParallelDicomTarget, SendOptions
 
+if TYPE_CHECKING:
+    import ssl
+
 MAX_ASSOCIATIONS = 4  # the run loop's worker threads
 
 
@@ -44,6 +46,7 @@ def tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLCon
     """A client context: the server's certificate is checked against ``ca``
     (else the system's CAs); ours is presented when given. Host names are not
     checked (DICOM servers are mostly addressed by IP), the chain is."""
+    import ssl  # here: only TLS needs it, and loading it costs every command at start
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED

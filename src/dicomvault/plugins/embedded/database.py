@@ -13,7 +13,6 @@ import os
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -175,6 +174,7 @@ class EmbeddedDatabase:
         self._check_entity(level, uid)
         with open(path, "rb") as fh:
             staged = self.store.stage(fh)
+        import uuid  # here: only attaching needs it, and every command would load it at start
         rec = AttachmentRecord(attachment_id=str(uuid.uuid4()), level=level, uid=uid, name=name,
                                media_type=media_type, size=staged.size, sha256=staged.sha256,
                                created_at=now_iso())

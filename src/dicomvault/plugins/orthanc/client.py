@@ -7,7 +7,6 @@ import base64
 import json
 import os
 import urllib.error
-import urllib.request
 from typing import Any, BinaryIO, cast
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -35,11 +34,12 @@ class Orthanc:
 
     def _send(self, method: str, path: str, body: bytes | BinaryIO | None = None,
               length: int | None = None) -> Any:
-        req = urllib.request.Request(self.base + path, data=body, method=method, headers=dict(self.headers))
+        from urllib.request import Request, urlopen  # here: loading it costs every command at start
+        req = Request(self.base + path, data=body, method=method, headers=dict(self.headers))
         if length is not None:
             req.add_header("Content-Length", str(length))
         try:
-            return urllib.request.urlopen(req, timeout=TIMEOUT)
+            return urlopen(req, timeout=TIMEOUT)
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
                 exc.close()
