@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -49,6 +50,56 @@ def test_a_plain_command_loads_no_heavy_module(tmp_path: Path) -> None:
               if line.startswith("import time:") and "|" in line}
     assert "dicomvault.formats.bkp.reader" in loaded  # the check sees what was loaded
     assert not [m for m in loaded if m in HEAVY_AT_START or m.split(".")[0] in HEAVY_AT_START]
+
+
+# ----------------------------------------------------------------- where messages go
+def run_dv_shell(command: str, *args: str | os.PathLike[str], cwd: Path,
+                 env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess[str]:
+    """``dicomvault ARGS`` followed by shell redirections ``command`` (e.g.
+    ``2>&-``); ``env`` sets variables, or removes those set to None."""
+    full = dict(os.environ, DICOMVAULT_DB=str(cwd / "default-db"), DICOMVAULT_DISABLE_PLUGIN_AUTOLOAD="1")
+    for name, value in (env or {}).items():
+        if value is None:
+            full.pop(name, None)
+        else:
+            full[name] = value
+    argv = " ".join(shlex.quote(str(a)) for a in (sys.executable, "-m", "dicomvault", *args))
+    return subprocess.run(["/bin/sh", "-c", f"{argv} {command}"], capture_output=True, text=True, env=full,
+                          cwd=cwd, timeout=300)
+
+
+def test_commands_run_with_stderr_closed(tmp_path: Path, pydicom_files: Path) -> None:
+    """A script may close stderr (``2>&-``): the command still runs, and its
+    messages are dropped, never written to stdout (which may carry JSON)."""
+    text = tmp_path / "notes.txt"
+    text.write_text("not DICOM")
+    stored = run_dv_shell("2>&-", "--db", tmp_path / "db", "import-dicom", pydicom_files / "CT_small.dcm",
+                          text, cwd=tmp_path)
+    assert stored.returncode == 1, stored.stdout  # partly done: the text file is rejected
+    assert "partly done" in stored.stdout and "rejected" not in stored.stdout.split("\n")[0]
+    listed = run_dv_shell("2>&-", "--db", tmp_path / "db", "ls", "--json", cwd=tmp_path)
+    assert listed.returncode == 0
+    json.loads(listed.stdout)
+    failed = run_dv_shell("2>&-", "--db", tmp_path / "db", "import-db", tmp_path / "missing.bkp", "--json",
+                          cwd=tmp_path)
+    assert failed.returncode == 2
+    assert "dicomvault: error" not in failed.stdout
+
+
+def test_problem_lines_print_names_as_they_are(tmp_path: Path, pydicom_files: Path) -> None:
+    """Through rich (asked for by FORCE_COLOR on a pipe, as in CI logs) or
+    not, a file name is printed as it is: no emoji codes, no markup."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(pydicom_files / "CT_small.dcm", folder)
+    (folder / "a:smile:[b]x.txt").write_text("not DICOM")
+    for force in ("1", None):
+        env = {"FORCE_COLOR": force, "TTY_COMPATIBLE": None}
+        db = tmp_path / f"db-{force}"
+        proc = run_dv_shell("", "--db", db, "import-dicom", folder, cwd=tmp_path, env=env)
+        assert proc.returncode == 1, proc.stderr
+        assert "a:smile:[b]x.txt" in proc.stderr, (env, proc.stderr)
+        assert ("\x1b[" in proc.stderr) == bool(force)  # the progress display, where asked for
 
 
 # ----------------------------------------------------------------- help and version

@@ -24,7 +24,7 @@ from dicomvault.engine import (
 )
 from dicomvault.engine.passphrase import PassphraseSource
 
-from .progress import ProgressReporter
+from .progress import ProgressReporter, print_error
 from .summary import print_summary
 
 log = logging.getLogger("dicomvault")
@@ -84,16 +84,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         ctx.passphrase = PassphraseSource.from_args(args)
         result = op.run(ctx, args)
     except DicomvaultError as exc:
-        print(f"dicomvault: error: {exc}", file=sys.stderr)
+        print_error(f"dicomvault: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        print("dicomvault: interrupted; everything committed so far is kept, nothing is half-written",
-              file=sys.stderr)
+        print_error("dicomvault: interrupted; everything committed so far is kept, nothing is half-written")
         return 130
     except BrokenPipeError:
         return EXIT_FAILED
     except OSError as exc:  # the file system said no (disk full, name too long): a message, no traceback
-        print(f"dicomvault: error: {exc}", file=sys.stderr)
+        print_error(f"dicomvault: error: {exc}")
         return EXIT_FAILED
     finally:
         log.removeHandler(stderr)  # main() may run many times in one process (tests, scripts)

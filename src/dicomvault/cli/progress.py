@@ -2,6 +2,7 @@
 notification hook, registered by the CLI."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -15,12 +16,13 @@ if TYPE_CHECKING:
 class ProgressReporter:
     def __init__(self, ctx: Context, *, show_bar: bool) -> None:
         self.ctx = ctx
-        # rich only for a terminal: importing it costs a tenth of a second at a cold start,
-        # which scripts and pipes (plain lines either way) need not pay.
+        # rich only for a terminal (or where asked for, as rich itself would be): importing it costs
+        # a tenth of a second at a cold start, which scripts and pipes need not pay.
         self.console: Console | None = None
-        if stderr_is_terminal():
+        if wants_rich():
             from rich.console import Console
-            self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+            # no emoji codes: a file name holding ":smile:" is printed as it is
+            self.console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
         self.show_bar = show_bar and self.console is not None and self.console.is_terminal
         self.progress: Progress | None = None
         self.task: TaskID | None = None
@@ -29,7 +31,7 @@ class ProgressReporter:
         if self.console is not None:
             self.console.print(line, markup=False)
         else:
-            print(line, file=sys.stderr, flush=True)
+            print_error(line)
 
     @hookimpl
     def dicomvault_on_event(self, event: Event) -> None:
@@ -60,5 +62,26 @@ class ProgressReporter:
             self.progress = None
 
 
-def stderr_is_terminal() -> bool:
-    return sys.stderr.isatty()
+def print_error(line: str) -> None:
+    """A line on stderr; none when there is no stderr (``2>&-``). Never on
+    stdout, which ``print(file=None)`` would pick: stdout may carry ``--json``."""
+    if sys.stderr is not None:
+        print(line, file=sys.stderr, flush=True)
+
+
+def wants_rich() -> bool:
+    """Whether rich would see a terminal on stderr: the environment first
+    (``TTY_COMPATIBLE``, ``FORCE_COLOR``, read as rich reads them), then
+    ``isatty``. No stderr at all (``2>&-``): no."""
+    if sys.stderr is None:
+        return False
+    tty_compatible = os.environ.get("TTY_COMPATIBLE", "")
+    if tty_compatible in ("0", "1"):
+        return tty_compatible == "1"
+    force_color = os.environ.get("FORCE_COLOR")
+    if force_color is not None:
+        return force_color != ""
+    try:
+        return sys.stderr.isatty()
+    except ValueError:  # closed
+        return False
