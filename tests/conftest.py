@@ -25,9 +25,13 @@ class CliResult:
 
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test touches the user's default database or third-party plugins."""
+    """No test touches the user's default database or third-party plugins,
+    nor draws a progress display because the caller's environment asks for
+    terminal output (FORCE_COLOR, TTY_COMPATIBLE: a test sets them itself)."""
     monkeypatch.setenv("DICOMVAULT_DB", str(tmp_path / "default-db"))
     monkeypatch.setenv("DICOMVAULT_DISABLE_PLUGIN_AUTOLOAD", "1")
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
