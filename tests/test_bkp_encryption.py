@@ -219,6 +219,28 @@ def test_a_truncated_encrypted_file_is_truncated_before_any_passphrase_is_asked(
         BkpReader(cut)
     res = run("--db", tmp_path / "db", "import-db", cut)
     assert res.code != 0 and "truncated" in res.err
+    assert "salvage" not in res.err  # salvage does not scan an encrypted file
+    for command in (["inspect"], ["ls"]):
+        res = run("bkp", *command, cut)
+        assert res.code == 2 and "truncated" in res.err and "cut.bkp" in res.err, (command, res.err)
+    # salvage: says why it cannot help, asks nothing, writes nothing
+    res = run("bkp", "salvage", cut, tmp_path / "rescued.bkp")
+    assert res.code == 2 and "truncated" in res.err and "cut.bkp" in res.err
+    assert "encrypted file is salvaged only while its manifest reads" in res.err
+    assert not (tmp_path / "rescued.bkp").exists()
+    # with the passphrase given, the same errors, naming the file
+    monkeypatch.setenv("DV_PASS", PASSPHRASE)
+    res = run("bkp", "inspect", cut, "--passphrase-env", "DV_PASS")
+    assert res.code == 2 and "truncated" in res.err and "cut.bkp" in res.err
+
+
+def test_a_wrong_passphrase_names_the_file(corpus: Corpus, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DV_PASS", "not the passphrase")
+    for argv in (["--db", tmp_path / "db", "import-db", corpus.encrypted],
+                 ["bkp", "inspect", corpus.encrypted], ["bkp", "ls", corpus.encrypted]):
+        res = run(*argv, "--passphrase-env", "DV_PASS")
+        assert res.code == 2 and "wrong passphrase" in res.err and corpus.encrypted.name in res.err, res.err
 
 
 def test_a_passphrase_file_with_a_windows_line_ending(corpus: Corpus, tmp_path: Path) -> None:

@@ -179,10 +179,13 @@ def test_salvage_of_a_truncated_file_recovers_intact_instances(  # type: ignore[
     cut = tmp_path / "cut.bkp"
     cut.write_bytes(data[:int(len(data) * fraction)])
     out = tmp_path / "rescued.bkp"
+    restore = cli("--db", tmp_path / "db", "import-db", cut)
+    assert restore.code == 2 and "truncated" in restore.err and "bkp salvage" in restore.err
     res = cli("bkp", "salvage", cut, out, "--json")
     assert res.code == 1
     report = res.json()
     assert report["method"] == "scan" and not report["verified"]
+    assert report["instances_lost"] is None  # unknowable without the manifest: not 0
     original = _records(real_backup)
     rescued = _records(out)
     assert rescued, "a truncated file still holds intact instances"

@@ -16,6 +16,7 @@ import zstandard
 
 from dicomvault.engine import UnsupportedFeatureError, VolumeSetError
 from dicomvault.formats.bkp import manifest as manifest_module
+from dicomvault.formats.bkp import reader as reader_module
 from dicomvault.formats.bkp import volumes
 from dicomvault.formats.bkp.layout import FOOTER, FRAME, unpack_footer, unpack_frame_header
 from dicomvault.formats.bkp.manifest import Volume
@@ -213,7 +214,7 @@ def test_selective_restore_reads_only_the_volumes_that_hold_it(cli, corpus: Volu
             super().__init__(path, passphrase=passphrase)  # type: ignore[arg-type]
             readers.append(self)
 
-    monkeypatch.setattr(volumes, "BkpReader", Recording)
+    monkeypatch.setattr(reader_module, "BkpReader", Recording)  # what open_named opens
     restored = tmp_path / "restored"
     res = cli("--db", restored, "import-db", corpus.folder / "set.001.bkp", "--series", corpus.series,
               "--json")

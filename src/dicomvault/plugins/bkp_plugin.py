@@ -28,10 +28,12 @@ from dicomvault.engine import (
     SeriesRecord,
     StudyRecord,
     TargetError,
+    TruncatedError,
     UsageError,
     hookimpl,
     sha256_of,
 )
+from dicomvault.formats.bkp.layout import file_is_encrypted
 from dicomvault.formats.bkp.manifest import AttachmentEntry, Blob, InstanceEntry, Manifest
 from dicomvault.formats.bkp.reader import BkpReader
 from dicomvault.formats.bkp.volumes import (
@@ -488,10 +490,16 @@ def _check_volume_output(path: str, overwrite: bool) -> Path:
 def _open_source(url: str, ctx: Context) -> BkpSource:
     path = _path(url)
     try:
-        return BkpSource(path, ctx.passphrase.get(f"the backup {path}", ask=False))
-    except PassphraseRequiredError:
-        # Encrypted, and no --passphrase-env/--passphrase-file: ask in a terminal, else say how.
-        return BkpSource(path, ctx.passphrase.get(f"the encrypted backup {path}"))
+        try:
+            return BkpSource(path, ctx.passphrase.get(f"the backup {path}", ask=False))
+        except PassphraseRequiredError:
+            # Encrypted, and no --passphrase-env/--passphrase-file: ask in a terminal, else say how.
+            return BkpSource(path, ctx.passphrase.get(f"the encrypted backup {path}"))
+    except TruncatedError as exc:
+        if file_is_encrypted(path):  # not scanned by salvage (SPEC.md section 16)
+            raise
+        raise TruncatedError(f"{exc} (`dicomvault bkp salvage` recovers its intact instances into a "
+                             "new file)") from exc
 
 
 def _open_target(url: str, ctx: Context) -> BkpTarget | BkpVolumesTarget:

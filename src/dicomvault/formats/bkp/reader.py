@@ -29,6 +29,7 @@ from dicomvault.engine import (
     TruncatedError,
     UnsupportedFeatureError,
     UnsupportedVersionError,
+    WrongPassphraseError,
 )
 
 from .crypto import TAG_SIZE, FrameCipher, open_key_frame
@@ -417,6 +418,18 @@ class BkpReader:
                     self._abandon(slot, index)
         self.fh.close()
         self._frames.clear()
+
+
+def open_named(path: str | os.PathLike[str], passphrase: str | None = None) -> BkpReader:
+    """A reader whose opening errors name the file (a set has several; a
+    message on its own should say which file it is about)."""
+    try:
+        return BkpReader(path, passphrase=passphrase)
+    except (FormatError, WrongPassphraseError) as exc:
+        name = Path(path).name
+        if name in str(exc):
+            raise
+        raise type(exc)(f"{name}: {exc}") from exc
 
 
 def _pread(fd: int, n: int, offset: int) -> bytes:

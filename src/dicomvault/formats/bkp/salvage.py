@@ -62,7 +62,7 @@ from .layout import (
     xxh3,
 )
 from .manifest import AttachmentEntry, InstanceEntry, Manifest
-from .reader import BkpReader, decompress
+from .reader import BkpReader, decompress, open_named
 from .writer import BkpWriter
 
 MAX_FRAME_RAW = 1 << 30  # a frame announcing more is treated as damaged (writers use 4 MiB)
@@ -73,9 +73,9 @@ class SalvageResult(msgspec.Struct, kw_only=True):
     output: str
     method: str = ""  # "manifest", "scan", or "manifest+scan" (the manifest, and a scan for damaged pages)
     instances_recovered: int = 0
-    instances_lost: int = 0  # known only with the manifest
+    instances_lost: int | None = None  # known only with the manifest (None: unknown, by scanning)
     attachments_recovered: int = 0
-    attachments_lost: int = 0
+    attachments_lost: int | None = None
     verified: bool = False  # True when every recovered file was checked against a recorded SHA-256
     frames_intact: int = 0
     frames_damaged: int = 0
@@ -119,7 +119,11 @@ def salvage(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
     result = SalvageResult(source=str(src), output=str(dst))
     encrypted = file_is_encrypted(src)
     if encrypted:
-        BkpReader(src, passphrase=passphrase).close()  # a wrong or missing passphrase: say so first
+        try:
+            open_named(src, passphrase=passphrase).close()  # a wrong or missing passphrase: say so first
+        except FormatError as exc:
+            raise type(exc)(f"{exc}; an encrypted file is salvaged only while its manifest reads: its "
+                            "frames are not scanned (SPEC.md section 16)") from exc
     out = _Out(dst, passphrase if encrypted else None)
     try:
         try:
@@ -134,7 +138,7 @@ def salvage(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
             finally:
                 reader.close()
             if damaged_pages and encrypted:
-                result.instances_lost += sum(damaged_pages)
+                result.instances_lost = (result.instances_lost or 0) + sum(damaged_pages)
                 result.notes.append("the instances listed by damaged pages cannot be looked for in an "
                                     "encrypted file without their entries; they are lost")
             elif damaged_pages:  # what those pages listed may still be found in the frames
@@ -176,6 +180,7 @@ def _entries(reader: BkpReader, result: SalvageResult) -> tuple[list[InstanceEnt
 def _with_manifest(reader: BkpReader, entries: list[InstanceEntry], out: _Out,
                    result: SalvageResult) -> None:
     result.method, result.verified = "manifest", True
+    instances_lost = attachments_lost = 0
     m = reader.manifest
     damaged: set[int] = set()
     for i in range(len(m.frames)):
@@ -211,7 +216,7 @@ def _with_manifest(reader: BkpReader, entries: list[InstanceEntry], out: _Out,
         study = studies.get(hierarchy.study_uid) if hierarchy else None
         patient = patients.get(study.patient_key) if study else None
         if blob is None or hierarchy is None or study is None or patient is None:
-            result.instances_lost += 1
+            instances_lost += 1
             why = "its bytes are damaged" if blob is None else "its series, study or patient is missing"
             result.lost.append(f"instance {rec.sop_uid}: {why}")
             continue
@@ -225,13 +230,14 @@ def _with_manifest(reader: BkpReader, entries: list[InstanceEntry], out: _Out,
     for a in sorted(m.attachments, key=lambda e: e.blob.offset):
         blob = copy(a.blob, a.record.sha256) if intact(a.blob.offset, a.blob.length) else None
         if blob is None or a.record.uid not in kept.get(a.record.level, set()):
-            result.attachments_lost += 1
+            attachments_lost += 1
             result.lost.append(f"attachment {a.record.attachment_id}: "
                                + ("its bytes are damaged" if blob is None else "its owner was not recovered"))
             continue
         out.attachments.append(AttachmentEntry(a.record, blob))  # type: ignore[arg-type]
         result.attachments_recovered += 1
     out.attributes = [a for a in m.attributes if a.uid in kept.get(a.level, set())]
+    result.instances_lost, result.attachments_lost = instances_lost, attachments_lost
 
 
 # ---------------------------------------------------------------------- by scanning

@@ -61,7 +61,7 @@ from .manifest import (
     Volume,
     encoder,
 )
-from .reader import BkpReader
+from .reader import BkpReader, open_named
 from .writer import FRAME_SIZE, BkpWriter, fsync_dir
 
 FEATURE = FEATURE_VOLUMES
@@ -422,7 +422,7 @@ class Part:
 
     def _get(self) -> BkpReader:
         if self._reader is None:
-            reader = _open(self.path, self.passphrase)
+            reader = open_named(self.path, self.passphrase)
             if reader.file_id != self.file_id:
                 reader.close()
                 raise VolumeSetError(f"{self.path.name} was replaced by another file while the backup "
@@ -522,14 +522,6 @@ class _TrackedStream:
         self.close()
 
 
-def _open(path: Path, passphrase: str | None = None) -> BkpReader:
-    """A reader whose format errors name the file (a set has several)."""
-    try:
-        return BkpReader(path, passphrase=passphrase)
-    except FormatError as exc:
-        raise type(exc)(f"{path.name}: {exc}") from exc
-
-
 def open_backup(path: str | os.PathLike[str], passphrase: str | None = None) -> list[Part]:
     """The files of a backup: ``[the file]`` for a plain .bkp, or every
     volume of a complete set in order. See the module docstring for which
@@ -542,7 +534,7 @@ def open_backup(path: str | os.PathLike[str], passphrase: str | None = None) -> 
             return _open_set(first, _stem(given), None, passphrase)
         # BkpReader says what is wrong
         return [Part(given, BkpReader(given, passphrase=passphrase), keep_open=True, passphrase=passphrase)]
-    reader = _open(given, passphrase)
+    reader = open_named(given, passphrase)
     if not isinstance(reader.manifest.volume, Volume):
         return [Part(given, reader, keep_open=True, passphrase=passphrase)]
     m = _VOLUME_NAME.match(given.name)
@@ -563,7 +555,7 @@ def _open_set(given: Path, stem: str, given_reader: BkpReader | None,
                 if given_reader is not None and p == given:
                     parts[p] = Part(p, given_reader, keep_open=False, passphrase=passphrase)
                 else:
-                    parts[p] = Part(p, _open(p, passphrase), keep_open=False, passphrase=passphrase)
+                    parts[p] = Part(p, open_named(p, passphrase), keep_open=False, passphrase=passphrase)
         return _check_set(given, stem, parts)
     except BaseException:
         if given_reader is not None:

@@ -25,12 +25,13 @@ from dicomvault.engine import (
     EXIT_PARTIAL,
     Context,
     Operation,
+    PassphraseRequiredError,
     UsageError,
     hookimpl,
 )
 from dicomvault.engine.passphrase import PassphraseSource, add_passphrase_options
 from dicomvault.formats.bkp.layout import FRAME, file_is_encrypted
-from dicomvault.formats.bkp.reader import BkpReader
+from dicomvault.formats.bkp.reader import BkpReader, open_named
 from dicomvault.formats.bkp.validate import Result, check
 
 
@@ -76,7 +77,13 @@ def _passphrase(args: argparse.Namespace, *, ask: bool = True) -> str | None:
 
 
 def _open(args: argparse.Namespace) -> BkpReader:
-    return BkpReader(args.file, passphrase=_passphrase(args))  # errors: one line, exit code 2
+    """The file, opened; errors (one line, exit code 2) name it. The
+    passphrase is asked for only once the file's structure is known to be
+    sound (SPEC.md 10.1): a truncated file says so first."""
+    try:
+        return open_named(args.file, passphrase=_passphrase(args, ask=False))
+    except PassphraseRequiredError:
+        return open_named(args.file, passphrase=_passphrase(args))
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -211,7 +218,10 @@ def _salvage(args: argparse.Namespace) -> int:
     try:
         from dicomvault.formats.bkp.salvage import salvage  # pydicom: only when salvaging
 
-        result = salvage(args.file, args.output, passphrase=_passphrase(args))
+        try:
+            result = salvage(args.file, args.output, passphrase=_passphrase(args, ask=False))
+        except PassphraseRequiredError:  # the file is sound enough to be salvaged: now ask
+            result = salvage(args.file, args.output, passphrase=_passphrase(args))
     except OSError as exc:
         raise UsageError(f"cannot salvage {args.file}: {exc.strerror or exc}") from exc
     text = [f"note: {n}" for n in result.notes]
