@@ -137,7 +137,8 @@ def mutated_encrypted(draw: st.DrawFn) -> bytes:
             off = draw(st.sampled_from(SEALED_FRAMES))
             if off + FRAME.size > len(data):
                 continue
-            ftype, codec, seq, stored, raw, _check = unpack_frame_header(bytes(data[off:off + FRAME.size]), off)
+            head = bytes(data[off:off + FRAME.size])
+            ftype, codec, seq, stored, raw, _check = unpack_frame_header(head, off)
             if not stored or off + FRAME.size + stored > len(data):
                 continue
             data[off + FRAME.size + draw(st.integers(0, stored - 1))] ^= 1 << draw(st.integers(0, 7))
