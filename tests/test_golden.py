@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -51,6 +53,28 @@ def test_golden_files_are_unchanged_and_all_listed() -> None:
     assert {"basic.bkp", "empty.bkp", "newer-minor.bkp", "encrypted.bkp",
             "volumes/set.001.bkp"} <= set(POSITIVE)
     assert len(NEGATIVE) >= 5
+
+
+def test_golden_files_were_only_ever_added() -> None:
+    """Append-only across the history, not only within one commit: no commit
+    modified, deleted or renamed a golden file, and every line SHA256SUMS
+    ever held is still in it. Needs a git checkout (skipped in an sdist)."""
+    root = V1.parents[3]
+    if not (root / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    rel = V1.relative_to(root).as_posix()
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              check=True).stdout
+
+    changed = [line for line in git("log", "--format=", "--name-status", "--diff-filter=MDRT", "--", rel)
+               .splitlines() if line.strip() and not line.endswith("/SHA256SUMS")]
+    assert not changed, f"golden files changed after they were added: {changed}"
+    current = set((V1 / "SHA256SUMS").read_text().splitlines())
+    for commit in git("log", "--format=%H", "--", f"{rel}/SHA256SUMS").split():
+        earlier = set(git("show", f"{commit}:{rel}/SHA256SUMS").splitlines())
+        assert earlier <= current, f"SHA256SUMS lost lines it held at {commit[:10]}: {earlier - current}"
 
 
 @pytest.mark.parametrize("name", POSITIVE)
