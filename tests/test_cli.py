@@ -84,6 +84,21 @@ def test_commands_run_with_stderr_closed(tmp_path: Path, pydicom_files: Path) ->
                           cwd=tmp_path)
     assert failed.returncode == 2
     assert "dicomvault: error" not in failed.stdout
+    assert json.loads(failed.stdout)["exit_code"] == 2
+
+
+def test_with_json_a_failed_command_still_prints_json(cli, tmp_path: Path) -> None:
+    """A script reading --json output gets JSON when the command stops on an
+    error: the message and the exit code (stderr has the usual line)."""
+    missing = tmp_path / "missing.bkp"
+    res = cli("--db", tmp_path / "db", "import-db", missing, "--json")
+    assert res.code == 2 and res.err.startswith("dicomvault: error: ")
+    out = json.loads(res.out)
+    assert out["exit_code"] == 2 and "missing.bkp" in out["error"]
+    usage = cli("ls", "--json", "--no-such-option")
+    assert usage.code == 64 and json.loads(usage.out)["exit_code"] == 64
+    plain = cli("--db", tmp_path / "db", "import-db", missing)
+    assert plain.code == 2 and plain.out == ""  # without --json, stdout stays empty
 
 
 def test_problem_lines_print_names_as_they_are(tmp_path: Path, pydicom_files: Path) -> None:
@@ -227,7 +242,10 @@ def test_usage_errors_exit_64(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     result = cli(*argv)
     assert result.code == 64, (result.out, result.err)
     assert_clean_error(result.err)
-    assert result.out == ""
+    if "--json" in argv:  # the error as JSON, for the script that asked for JSON
+        assert json.loads(result.out)["exit_code"] == 64
+    else:
+        assert result.out == ""
     assert not (tmp_path / OUT).exists()
     assert not (tmp_path / "out.zip").exists()
 

@@ -67,11 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.addHandler(stderr)
     log.setLevel(logging.WARNING)
     ctx: Context | None = None
+    # --json before the arguments are parsed (a usage error): as written on the command line
+    as_json = "--json" in (sys.argv[1:] if argv is None else argv)
     try:
         pm = make_plugin_manager(autoload=not os.environ.get("DICOMVAULT_DISABLE_PLUGIN_AUTOLOAD"))
         hooks = Hooks(pm)
         parser = build_parser(hooks.operations())
         args = parser.parse_args(argv)
+        as_json = bool(args.json)
         if args.verbose:
             log.setLevel(logging.INFO if args.verbose == 1 else logging.DEBUG)
         op: Operation | None = getattr(args, "_operation", None)
@@ -84,16 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ctx.passphrase = PassphraseSource.from_args(args)
         result = op.run(ctx, args)
     except DicomvaultError as exc:
-        print_error(f"dicomvault: error: {exc}")
-        return exc.exit_code
+        return _failed(str(exc), exc.exit_code, as_json)
     except KeyboardInterrupt:
-        print_error("dicomvault: interrupted; everything committed so far is kept, nothing is half-written")
-        return 130
+        return _failed("interrupted; everything committed so far is kept, nothing is half-written", 130,
+                       as_json)
     except BrokenPipeError:
         return EXIT_FAILED
     except OSError as exc:  # the file system said no (disk full, name too long): a message, no traceback
-        print_error(f"dicomvault: error: {exc}")
-        return EXIT_FAILED
+        return _failed(str(exc), EXIT_FAILED, as_json)
     finally:
         log.removeHandler(stderr)  # main() may run many times in one process (tests, scripts)
         if ctx is not None:
@@ -105,6 +106,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print_summary(result)
         return result.exit_code
     return int(result)
+
+
+def _failed(message: str, code: int, as_json: bool) -> int:
+    """The one line on stderr; with ``--json`` also ``{"error", "exit_code"}``
+    on stdout, so that a script reading JSON gets JSON when the command fails."""
+    print_error(f"dicomvault: error: {message}" if code != 130 else f"dicomvault: {message}")
+    if as_json:
+        try:
+            sys.stdout.write(msgspec.json.encode({"error": message, "exit_code": code}).decode() + "\n")
+            sys.stdout.flush()
+        except (OSError, ValueError, AttributeError):  # stdout gone or closed: stderr said it
+            pass
+    return code
 
 
 if __name__ == "__main__":
