@@ -734,6 +734,30 @@ def test_independent_xxh3_agrees_with_xxhash_on_every_length_class() -> None:
         assert xxh3_64(data) == xxhash.xxh3_64_intdigest(data), n
 
 
+def test_zstd_content_checksum_test_vectors() -> None:
+    """The checksum zstd ends each compressed frame with, as SPEC.md 7.3
+    states it, and as the writer's own frames carry it."""
+    import xxhash
+    import zstandard
+
+    from dicomvault.formats.bkp import writer
+    from dicomvault.formats.bkp.layout import CODEC_ZSTD
+
+    rows = _table("test-vectors:zstd-checksum")
+    assert len(rows) >= 2
+    for inp, length, hexval, last4 in rows:
+        data = _vector_input(inp)
+        assert len(data) == int(length)
+        value = xxhash.xxh64_intdigest(data) & 0xFFFFFFFF
+        assert value == int(_unquote(hexval), 16), inp
+        frame = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True).compress(data)
+        assert _hex_bytes(last4) == frame[-4:] == value.to_bytes(4, "little"), inp
+        codec, payload, _check = writer._compress(data, 3)
+        if codec == CODEC_ZSTD:  # stored raw when zstd does not make it smaller (5.3)
+            assert bytes(payload[-4:]) == _hex_bytes(last4), inp
+    assert any(writer._compress(_vector_input(r[0]), 3)[0] == CODEC_ZSTD for r in rows)
+
+
 def test_sha256_test_vectors() -> None:
     for inp, digest in _table("test-vectors:sha256"):
         assert _sha(_vector_input(inp)) == _unquote(digest)
