@@ -234,6 +234,17 @@ def test_a_truncated_encrypted_file_is_truncated_before_any_passphrase_is_asked(
     assert res.code == 2 and "truncated" in res.err and "cut.bkp" in res.err
 
 
+def test_validate_and_verify_with_a_wrong_passphrase_do_not_call_the_file_invalid(
+        corpus: Corpus, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DV_PASS", "not the passphrase")
+    for command in ("validate", "verify"):
+        res = run("bkp", command, corpus.encrypted, "--passphrase-env", "DV_PASS")
+        assert res.code == 2, res.out
+        assert "not checked" in res.out and "wrong passphrase" in res.out and "INVALID" not in res.out
+        res = run("bkp", command, corpus.encrypted, "--passphrase-env", "DV_PASS", "--json")
+        assert res.code == 2 and "key.passphrase" in {f["code"] for f in res.json()["findings"]}
+
+
 def test_a_wrong_passphrase_names_the_file(corpus: Corpus, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DV_PASS", "not the passphrase")

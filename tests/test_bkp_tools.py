@@ -339,3 +339,9 @@ def test_salvage_by_scanning_names_a_deflated_file_whose_end_is_unknown(  # type
     (uid,) = _records(whole)
     assert set(_records(out)) == {uid}
     assert any(uid in note and "check it" in note for note in report["notes"])
+
+
+@pytest.mark.parametrize("command", ["inspect", "ls", "validate", "verify"])
+def test_a_missing_file_fails_alike_in_every_tool(cli, tmp_path: Path, command: str) -> None:  # type: ignore[no-untyped-def]
+    res = cli("bkp", command, tmp_path / "missing.bkp")
+    assert res.code == 2 and "cannot open" in res.err and "missing.bkp" in res.err, res.err

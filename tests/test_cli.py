@@ -235,6 +235,14 @@ USAGE_ERRORS = [
 ]
 
 
+def test_a_usage_error_names_the_program_once(cli) -> None:  # type: ignore[no-untyped-def]
+    top = cli("frob")
+    assert top.code == 64 and top.err.startswith("dicomvault: error: argument COMMAND: invalid choice")
+    sub = cli("import-dicom", "x", "--on-conflict", "maybe")
+    assert sub.code == 64 and sub.err.startswith("dicomvault: error: import-dicom: argument --on-conflict")
+    assert "dicomvault: error: dicomvault" not in top.err + sub.err
+
+
 @pytest.mark.parametrize("argv", USAGE_ERRORS, ids=lambda a: " ".join(a) or "(none)")
 def test_usage_errors_exit_64(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
     monkeypatch.chdir(tmp_path)

@@ -217,8 +217,13 @@ def test_on_existing(cli, db: Path, tmp_path: Path) -> None:  # type: ignore[no-
     r = cli(*args)  # skip: reported, left untouched
     assert r.code == 2 and r.json()["problems"][0]["outcome"] == "conflict"  # nothing else done: failed
     assert (out / path).read_bytes() == b"changed"
+    # the default layout puts the patient's name and ID in the path: messages name the instance
+    assert "Müller" in path and "LAT1" in path
+    said = r.err + json.dumps(r.json()["problems"], ensure_ascii=False)
+    assert not any(s in said for s in ("Müller", "Jürgen", "LAT1")), said
     r = cli(*args, "--on-existing", "fail")
     assert r.code == 2 and "nothing was written" in r.err
+    assert not any(s in r.err for s in ("Müller", "Jürgen", "LAT1")), r.err
     r = cli(*args, "--on-existing", "rename")
     assert r.code == 0 and (out / path).read_bytes() == b"changed"
     renamed = _report(out)["instances"]

@@ -32,7 +32,9 @@ log = logging.getLogger("dicomvault")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
+        # "dicomvault: error: import-dicom: ...", not "dicomvault: error: dicomvault import-dicom: ..."
+        command = self.prog.removeprefix("dicomvault").strip()
+        raise UsageError(f"{command}: {message}" if command else message)
 
 
 def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:

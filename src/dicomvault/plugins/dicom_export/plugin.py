@@ -104,7 +104,8 @@ def _preflight(source: object, selection: object, root: Path, options: Options) 
         if isinstance(it, Item):
             rel = layout.path(it)
             if os.path.lexists(root.joinpath(*rel)):
-                clashes.append("/".join(rel))
+                # named by instance UID: the layout may put patient names in the path
+                clashes.append(f"the file of instance {it.instance.sop_uid}")
     if clashes:
         shown = ", ".join(clashes[:5]) + (f" and {len(clashes) - 5} more" if len(clashes) > 5 else "")
         raise ConflictError(f"{len(clashes)} file(s) already exist in {root} ({shown}); nothing was "

@@ -235,16 +235,17 @@ class FolderTarget(_Base):
                 self._fresh.add(current)
             except FileExistsError:
                 if current.is_symlink() or not current.is_dir():
-                    raise OSError(f"{current} is a symbolic link or not a folder: it could lead outside "
-                                  "the output folder; not written") from None
+                    # paths below the output folder are not shown: the layout may put names in them
+                    raise OSError("a folder of its path is a symbolic link or not a folder: it could lead "
+                                  "outside the output folder; not written") from None
             self._dirs.add(current)
         if not self._inside(parent):
-            raise OSError(f"{parent} leads outside the output folder; not written")
+            raise OSError("its folder leads outside the output folder; not written")
 
     def destination(self, rel: list[str]) -> Path:
         dest = self.root.joinpath(*rel)
         if ".." in rel or any(os.sep in c or "/" in c for c in rel):
-            raise OSError(f"refusing the path {'/'.join(rel)!r}")
+            raise OSError("refusing its path: a component is '..' or holds a separator")
         return dest
 
     # -- the run loop's parallel protocol
@@ -313,7 +314,7 @@ class FolderTarget(_Base):
             if dest.parent not in self._fresh and os.path.lexists(dest):
                 mode = self.options.on_existing
                 if dest.is_symlink() or not dest.is_file():
-                    return Outcome.CONFLICT, f"{'/'.join(rel)} exists and is not a plain file; left untouched"
+                    return Outcome.CONFLICT, "its destination exists and is not a plain file; left untouched"
                 if self._existing(dest, prepared.sha256):
                     self._record(item, rel, prepared.sha256, prepared.size,
                                  getattr(prepared, "source_sha", prepared.sha256), header_loader(dest),
@@ -325,8 +326,8 @@ class FolderTarget(_Base):
                     rel = self._free_name(rel)
                     dest = self.destination(rel)
                 else:
-                    return Outcome.CONFLICT, (f"{'/'.join(rel)} exists with other content; left untouched "
-                                              f"(--on-existing {mode})")
+                    return Outcome.CONFLICT, ("its destination file exists with other content; left "
+                                              f"untouched (--on-existing {mode})")
             os.replace(prepared.path, dest)
             placed = True
             self.touched = True
@@ -349,7 +350,7 @@ class FolderTarget(_Base):
             if not os.path.lexists(self.destination(cand)):
                 self.layout.names.reserve("/".join(rel[:-1]), last, "renamed")
                 return cand
-        raise OSError(f"no free name next to {'/'.join(rel)}")
+        raise OSError("no free name next to its destination file")
 
     def _write_atomic(self, name: str, data: bytes) -> None:
         dest = self.root / name

@@ -31,7 +31,7 @@ from dicomvault.engine import (
 )
 from dicomvault.engine.passphrase import PassphraseSource, add_passphrase_options
 from dicomvault.formats.bkp.layout import FRAME, file_is_encrypted
-from dicomvault.formats.bkp.reader import BkpReader, open_named
+from dicomvault.formats.bkp.reader import BkpOpenError, BkpReader, open_named
 from dicomvault.formats.bkp.validate import Result, check
 
 
@@ -190,9 +190,14 @@ def _check(args: argparse.Namespace, deep: bool) -> int:
         # Without --passphrase-env/--passphrase-file an encrypted file gets every check that
         # needs no key (frame chain, every frame checksum with verify); with it, everything.
         result: Result = check(args.file, deep=deep, passphrase=_passphrase(args, ask=False))
-    except OSError as exc:
-        raise UsageError(f"cannot open {args.file}: {exc.strerror}") from exc
+    except OSError as exc:  # missing, unreadable: as inspect and ls say it (exit 2)
+        raise BkpOpenError(f"cannot open {args.file}: {exc.strerror}") from exc
     text = [f"{f.severity.upper():7} {f.code:26} {f.message}" for f in result.findings]
+    wrong_key = next((f for f in result.findings if f.code == "key.passphrase"), None)
+    if wrong_key is not None:  # the key is wrong, not (as far as anyone can tell) the file
+        text.append(f"{args.file}: not checked: {wrong_key.message}")
+        _emit(args, result, text)
+        return EXIT_FAILED
     verdict = "valid" if result.valid else "INVALID"
     what = (f"{result.instances} instances, {result.attachments} attachments, {result.frames} frames"
             + (f", {result.bytes_verified:,} bytes hashed" if deep else ""))
