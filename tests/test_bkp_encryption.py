@@ -457,6 +457,24 @@ def test_one_series_restored_from_an_encrypted_file(corpus: Corpus, tmp_path: Pa
     assert stored(db) == wanted
 
 
+def test_inspect_without_the_passphrase_shows_what_is_not_sealed(corpus: Corpus) -> None:
+    """No passphrase given and no terminal: the header and footer (version,
+    creation time, frame count), and that the contents are sealed."""
+    res = run("bkp", "inspect", corpus.encrypted, "--json")
+    assert res.code == 0, res.err
+    info = res.json()
+    reader = BkpReader(corpus.encrypted, passphrase=PASSPHRASE)
+    try:
+        assert info["sealed"] is True and info["encrypted"] is True
+        assert info["version"] == f"{reader.major}.{reader.minor}"
+        assert info["frames"] == len(reader.manifest.frames)
+        assert info["file_id"] == reader.file_id.hex()
+    finally:
+        reader.close()
+    text = run("bkp", "inspect", corpus.encrypted)
+    assert text.code == 0 and "sealed" in text.out and "--passphrase-env" in text.out
+
+
 def test_other_commands_read_an_encrypted_bkp_with_the_same_options(
         corpus: Corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DV_PASS", PASSPHRASE)

@@ -160,6 +160,15 @@ def test_each_volume_validates_and_verifies_on_its_own(cli, corpus: VolumeCorpus
     assert any(level == "instance" for level, _uid in placed)
 
 
+@pytest.mark.parametrize("tool", ["inspect", "ls", "validate", "verify"])
+def test_the_tools_given_the_set_name_say_what_to_do(cli, corpus: VolumeCorpus, tool: str) -> None:  # type: ignore[no-untyped-def]
+    """``set.bkp`` does not exist, ``set.001.bkp`` does: the tools, which read
+    one file, say that it names a volume set and how to use it."""
+    res = cli("bkp", tool, corpus.folder / "set.bkp")
+    assert res.code == 2, res.err
+    assert "names a volume set" in res.err and "set.001.bkp" in res.err and "import-db" in res.err
+
+
 def test_a_plain_export_has_no_volume_field(corpus: VolumeCorpus, tmp_path: Path) -> None:
     out = tmp_path / "plain.bkp"
     assert run("--db", corpus.db, "export-db", out, "--whole").code == 0

@@ -12,9 +12,11 @@ everything could be recovered (salvage); 2 the file cannot be read at all.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -30,9 +32,17 @@ from dicomvault.engine import (
     hookimpl,
 )
 from dicomvault.engine.passphrase import PassphraseSource, add_passphrase_options
-from dicomvault.formats.bkp.layout import FRAME, file_is_encrypted
+from dicomvault.formats.bkp.layout import (
+    FOOTER,
+    FRAME,
+    HEADER,
+    file_is_encrypted,
+    parse_header,
+    unpack_footer,
+)
 from dicomvault.formats.bkp.reader import BkpOpenError, BkpReader, open_named
 from dicomvault.formats.bkp.validate import Result, check
+from dicomvault.formats.bkp.volumes import volume_path
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -76,18 +86,36 @@ def _passphrase(args: argparse.Namespace, *, ask: bool = True) -> str | None:
     return PassphraseSource.from_args(args).get(f"the encrypted backup {args.file}", ask=ask)
 
 
+def _set_hint(path: str) -> str:
+    """For NAME.bkp that does not exist but NAME.001.bkp does: what to do."""
+    given = Path(path)
+    if given.exists() or not path.lower().endswith(".bkp") or not volume_path(given, 1).exists():
+        return ""
+    return (f"; {given.name} names a volume set ({volume_path(given, 1).name}, ...): each volume is a "
+            "complete .bkp that these tools take one at a time, and import-db, compare and --from "
+            "take the whole set by this name")
+
+
 def _open(args: argparse.Namespace) -> BkpReader:
     """The file, opened; errors (one line, exit code 2) name it. The
     passphrase is asked for only once the file's structure is known to be
     sound (SPEC.md 10.1): a truncated file says so first."""
     try:
-        return open_named(args.file, passphrase=_passphrase(args, ask=False))
-    except PassphraseRequiredError:
-        return open_named(args.file, passphrase=_passphrase(args))
+        try:
+            return open_named(args.file, passphrase=_passphrase(args, ask=False))
+        except PassphraseRequiredError:
+            return open_named(args.file, passphrase=_passphrase(args))
+    except BkpOpenError as exc:
+        if hint := _set_hint(args.file):
+            raise BkpOpenError(f"{exc}{hint}") from exc
+        raise
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    reader = _open(args)
+    try:
+        reader = _open(args)
+    except PassphraseRequiredError:  # none given, none to ask for: what is readable without it
+        return _inspect_sealed(args)
     try:
         m = reader.manifest
         stored = sum(fe.stored for fe in m.frames)
@@ -119,6 +147,30 @@ def _inspect(args: argparse.Namespace) -> int:
         f"contents    {info['patients']} patients, {info['studies']} studies, {info['series']} series, "
         f"{info['instances']} instances, {info['attachments']} attachments, "
         f"{info['attributes']} attribute sets",
+    ]
+    _emit(args, info, text)
+    return EXIT_OK
+
+
+def _inspect_sealed(args: argparse.Namespace) -> int:
+    """An encrypted file without its passphrase: what its header and footer
+    say (the file has passed every check up to the key frame, SPEC.md 10.1)."""
+    with open(args.file, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        header = parse_header(fh.read(HEADER.size))
+        fh.seek(size - FOOTER.size)
+        _moff, _mlen, frames, _id = unpack_footer(fh.read(FOOTER.size))
+    created = datetime.datetime.fromtimestamp(header.created / 1e9, datetime.UTC)
+    info = {"file": args.file, "size": size, "version": f"{header.major}.{header.minor}",
+            "created": created.isoformat(), "file_id": header.file_id.hex(), "encrypted": True,
+            "frames": frames, "sealed": True}
+    text = [
+        f"file        {args.file} ({size:,} bytes)",
+        f"format      dicomvault-bkp {info['version']}, created {info['created']}",
+        "encrypted   yes (AES-256-GCM, key from a passphrase by scrypt)",
+        f"payload     {frames} data frames",
+        "contents    sealed: give the passphrase (--passphrase-env VAR, --passphrase-file PATH, or run "
+        "in a terminal) to see the writer, features and counts",
     ]
     _emit(args, info, text)
     return EXIT_OK
@@ -191,7 +243,7 @@ def _check(args: argparse.Namespace, deep: bool) -> int:
         # needs no key (frame chain, every frame checksum with verify); with it, everything.
         result: Result = check(args.file, deep=deep, passphrase=_passphrase(args, ask=False))
     except OSError as exc:  # missing, unreadable: as inspect and ls say it (exit 2)
-        raise BkpOpenError(f"cannot open {args.file}: {exc.strerror}") from exc
+        raise BkpOpenError(f"cannot open {args.file}: {exc.strerror}{_set_hint(args.file)}") from exc
     text = [f"{f.severity.upper():7} {f.code:26} {f.message}" for f in result.findings]
     wrong_key = next((f for f in result.findings if f.code == "key.passphrase"), None)
     if wrong_key is not None:  # the key is wrong, not (as far as anyone can tell) the file
