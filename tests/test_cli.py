@@ -335,6 +335,11 @@ def test_json_output_parses(cli, tmp_path: Path, pydicom_files: Path) -> None:
     for name, out in outputs.items():
         assert out.count("\n") == 1, f"{name}: JSON output must be one document on one line"
         json.loads(out)
+    exported = json.loads(outputs["export-db"])["details"]
+    assert exported["file size"] == (tmp_path / "all.bkp").stat().st_size  # the .bkp, not the DICOM bytes
+    text = cli("--db", db, "export-db", tmp_path / "again.bkp", "--whole")
+    assert text.code == 0 and f"file size: {(tmp_path / 'again.bkp').stat().st_size}" in text.out
+    assert not [line for line in text.out.splitlines() if line.rstrip().endswith(":")]  # no empty detail
     assert json.loads(outputs["import-db"])["counts"]["instance"] == {"stored": 2}
     assert json.loads(outputs["ls patient"])[0]["level"] == "patient"
 
@@ -431,3 +436,12 @@ def test_files_and_folders_created_are_private(tmp_path: Path, pydicom_files: Pa
     assert len(created) > 10
     public = {path: oct(mode) for path, mode in created.items() if mode & 0o077}
     assert not public, f"readable or writable by others: {public}"
+
+
+def test_the_summary_skips_empty_details(capsys: pytest.CaptureFixture[str]) -> None:
+    from dicomvault.cli.summary import print_summary
+    from dicomvault.engine import Report
+
+    print_summary(Report(operation="move", details={"left in source": [], "file": "x.bkp", "note": ""}))
+    out = capsys.readouterr().out
+    assert "  file: x.bkp" in out and "left in source" not in out and "note" not in out

@@ -31,6 +31,8 @@ def print_summary(report: Report) -> None:
     if report.bytes:
         print(f"  data written: {_size(report.bytes)}")
     for key, value in report.details.items():
+        if value in ("", [], {}, None):
+            continue  # nothing to say (an empty "left in source", say): no empty line
         print(f"  {key}: {_value(value)}")
     for w in report.warnings:
         print(f"  warning: {w}")

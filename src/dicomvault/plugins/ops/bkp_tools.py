@@ -283,9 +283,9 @@ def _salvage(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot salvage {args.file}: {exc.strerror or exc}") from exc
     text = [f"note: {n}" for n in result.notes]
     text += [f"lost: {line}" for line in result.lost]
-    into = args.output if result.output else "(no file: nothing to keep)"
+    into = f"into {args.output}" if result.output else "(no file written: nothing to keep)"
     text.append(f"{result.instances_recovered} instances and {result.attachments_recovered} attachments "
-                f"recovered into {into} (by {result.method}; {result.frames_intact} frames intact, "
+                f"recovered {into} (by {result.method}; {result.frames_intact} frames intact, "
                 f"{result.frames_damaged} damaged"
                 + (f"; {result.instances_lost} instances and {result.attachments_lost} attachments lost"
                    if result.method == "manifest" else "") + ")")

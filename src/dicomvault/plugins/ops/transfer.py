@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from dicomvault import __version__
 from dicomvault.engine import (
@@ -91,6 +92,9 @@ def _export_run(ctx: Context, args: argparse.Namespace) -> Report:
     files = getattr(target, "files", None)
     if args.volume_size and files:
         report.details["volumes"] = [str(f) for f in files]
+    written = [Path(f) for f in files] if args.volume_size and files else [Path(args.output)]
+    if all(f.is_file() for f in written):  # not after a failed run: nothing is under the name
+        report.details["file size"] = sum(f.stat().st_size for f in written)
     return report
 
 
