@@ -34,6 +34,10 @@ def test_demo_round_trips_real_dicom(cli, tmp_path: Path) -> None:  # type: igno
     assert report["details"]["verify"]["attachment"] == {"unchanged": 1}
     assert report["details"]["verify"]["attributes"] == {"unchanged": 2}
     assert (tmp_path / "demo" / "whole-database.bkp").stat().st_mode & 0o077 == 0
+    # it says where things are, and what the files it did not store were
+    assert report["details"]["restored database"] == str((tmp_path / "demo" / "restored").resolve())
+    assert report["details"]["DICOMDIR files (media directories, not instances)"] == \
+        report["details"]["import-dicom"]["file"].get("ignored", 0)
 
 
 def test_demo_refuses_a_folder_it_did_not_make(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -55,7 +55,9 @@ def _phase(ctx: Context, report: Report, name: str, phase: Report) -> None:
     if ctx.json_output:  # a person has seen this line already
         report.details[name] = {"seconds": phase.seconds, **{w: c for w, c in phase.counts.items()}}
     elif not ctx.quiet:
-        counts = "; ".join(f"{w}: " + ", ".join(f"{n} {o}" for o, n in sorted(c.items()))
+        # a comparison's "unchanged" is what a person calls identical
+        word = {"unchanged": "identical"} if name == "verify" else {}
+        counts = "; ".join(f"{w}: " + ", ".join(f"{n} {word.get(o, o)}" for o, n in sorted(c.items()))
                            for w, c in phase.counts.items())
         print(f"{name:<12} {phase.seconds:6.1f} s  {counts}")
 
@@ -114,12 +116,17 @@ def run(ctx: Context, args: argparse.Namespace) -> Report:
         "files not stored (expected: pydicom ships broken files, and one image under one UID in "
         "several encodings)":
             dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        "the same file met twice (stored once)": ingest.count(Outcome.UNCHANGED, "instance"),
+        "DICOMDIR files (media directories, not instances)": ingest.count(Outcome.IGNORED, "file"),
         "instances in the database": stored,
         "instances verified identical by SHA-256": check.count(Outcome.UNCHANGED, "instance"),
         "database bytes": size,
         "backup file": str(backup),
         "backup bytes": backup.stat().st_size,
         "compression ratio": round(size / backup.stat().st_size, 2),
+        "database": str(workdir / "db"),
+        "restored database": str(workdir / "restored"),
+        "look around": f"dicomvault --db {workdir / 'restored'} ls --whole; dicomvault bkp ls {backup}",
     })
     report.seconds = round(time.monotonic() - started, 3)
     if check.count(Outcome.UNCHANGED, "instance") != stored:
