@@ -445,3 +445,21 @@ def test_the_summary_skips_empty_details(capsys: pytest.CaptureFixture[str]) -> 
     print_summary(Report(operation="move", details={"left in source": [], "file": "x.bkp", "note": ""}))
     out = capsys.readouterr().out
     assert "  file: x.bkp" in out and "left in source" not in out and "note" not in out
+
+
+def test_compare_says_which_side_lacks_or_differs(cli, tmp_path: Path, pydicom_files: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    ct, mr = pydicom_files / "CT_small.dcm", pydicom_files / "MR_small.dcm"
+    assert cli("--db", a, "-q", "import-dicom", ct, mr).code == 0
+    assert cli("--db", b, "-q", "import-dicom", pydicom_files / "CT_small.dcm").code == 0
+    ct_study = pydicom.dcmread(pydicom_files / "CT_small.dcm", stop_before_pixels=True).StudyInstanceUID
+    assert cli("--db", a, "-q", "annotate", "--study", ct_study, "--comment", "read").code == 0
+    res = cli("--db", a, "compare", b, "--whole", "--json")
+    reasons = {(p["what"], p["reason"]) for p in res.json()["problems"]}
+    assert res.code != 0 and reasons == {("instance", "missing in the other"),
+                                         ("attributes", "missing in the other")}, reasons
+    assert cli("--db", b, "-q", "annotate", "--study", ct_study, "--comment", "unread").code == 0
+    res = cli("--db", b, "compare", a, "--whole", "--json")
+    reasons = {(p["what"], p["reason"]) for p in res.json()["problems"]}
+    assert reasons == {("instance", "only in the other (unexpected extra)"),
+                       ("attributes", "differs in the other")}, reasons

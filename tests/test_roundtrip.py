@@ -396,7 +396,7 @@ def test_selective_import_brings_exactly_the_selection(cli, source: Source, sour
     assert res.code != 0
     failed = [p for p in res.json()["problems"] if p["what"] == "instance"]
     assert {p["item"] for p in failed} == set(source_catalog["instances"]) - wanted
-    assert all(p["reason"] == "missing" for p in failed)
+    assert all(p["reason"] == "missing in the other" for p in failed)
 
 
 @pytest.mark.parametrize("kind", ["patient-id", "study", "series"])

@@ -22,6 +22,11 @@ def _sha(open_: object) -> str:
     return digest.hexdigest()
 
 
+# "the other": the database or .bkp given to compare, against --db (or the first source)
+MISSING = "missing in the other"
+EXTRA = "only in the other (unexpected extra)"
+
+
 def _catalogue(source: Source, selection: Selection) -> tuple[dict, dict, dict]:  # type: ignore[type-arg]
     items = {it.instance.sop_uid: it for it in source.instances(selection) if isinstance(it, Item)}
     attrs = {(a.level, a.uid): a for a in source.attributes(selection)}
@@ -39,7 +44,7 @@ def compare(expected: Source, actual: Source, selection: Selection, *, rehash: b
     for uid, it in exp_items.items():
         other = act_items.get(uid)
         if other is None:
-            report.add("instance", Outcome.FAILED, uid, "missing")
+            report.add("instance", Outcome.FAILED, uid, MISSING)
             continue
         diffs = [name for name, a, b in (
             ("record", it.instance, other.instance), ("series", it.series, other.series),
@@ -48,25 +53,30 @@ def compare(expected: Source, actual: Source, selection: Selection, *, rehash: b
             if _sha(other.open) != it.instance.sha256:
                 diffs.append("bytes (SHA-256)")
         if diffs:
-            report.add("instance", Outcome.FAILED, uid, "differs: " + ", ".join(diffs))
+            report.add("instance", Outcome.FAILED, uid, "differs in the other: " + ", ".join(diffs))
         else:
             report.add("instance", Outcome.UNCHANGED, uid, size=it.instance.size)
     for uid in act_items.keys() - exp_items.keys():
-        report.add("instance", Outcome.FAILED, uid, "unexpected extra instance")
+        report.add("instance", Outcome.FAILED, uid, EXTRA)
     for key, attrs in exp_attrs.items():
-        same = act_attrs.get(key) == attrs
-        report.add("attributes", Outcome.UNCHANGED if same else Outcome.FAILED, f"{key[0]} {key[1]}",
-                   "" if same else "missing or different")
+        theirs = act_attrs.get(key)
+        why = MISSING if theirs is None else "" if theirs == attrs else "differs in the other"
+        report.add("attributes", Outcome.FAILED if why else Outcome.UNCHANGED, f"{key[0]} {key[1]}", why)
     for key in act_attrs.keys() - exp_attrs.keys():
-        report.add("attributes", Outcome.FAILED, f"{key[0]} {key[1]}", "unexpected extra attributes")
+        report.add("attributes", Outcome.FAILED, f"{key[0]} {key[1]}", EXTRA)
     for aid, (rec, _op) in exp_atts.items():
         other_att = act_atts.get(aid)
-        ok = (other_att is not None and other_att[0] == rec
-              and (not rehash or _sha(other_att[1]) == rec.sha256))
-        report.add("attachment", Outcome.UNCHANGED if ok else Outcome.FAILED, aid,
-                   "" if ok else "missing or different")
+        if other_att is None:
+            why = MISSING
+        elif other_att[0] != rec:
+            why = "differs in the other: record"
+        elif rehash and _sha(other_att[1]) != rec.sha256:
+            why = "differs in the other: bytes (SHA-256)"
+        else:
+            why = ""
+        report.add("attachment", Outcome.FAILED if why else Outcome.UNCHANGED, aid, why)
     for aid in act_atts.keys() - exp_atts.keys():
-        report.add("attachment", Outcome.FAILED, aid, "unexpected extra attachment")
+        report.add("attachment", Outcome.FAILED, aid, EXTRA)
     return report
 
 
