@@ -465,7 +465,8 @@ def test_inspect_without_the_passphrase_shows_what_is_not_sealed(corpus: Corpus)
     info = res.json()
     reader = BkpReader(corpus.encrypted, passphrase=PASSPHRASE)
     try:
-        assert info["sealed"] is True and info["encrypted"] is True
+        assert info["sealed"] is True and info["encrypted"] is True and info["format"] == "dicomvault-bkp"
+        assert "." not in info["created"]  # whole seconds, as the manifest's own times
         assert info["version"] == f"{reader.major}.{reader.minor}"
         assert info["frames"] == len(reader.manifest.frames)
         assert info["file_id"] == reader.file_id.hex()

@@ -249,6 +249,17 @@ def test_selective_restore_reads_only_the_volumes_that_hold_it(cli, corpus: Volu
 # ---------------------------------------------------------------------- incomplete and mixed sets
 
 
+def test_missing_first_volume_is_named(cli, corpus: VolumeCorpus, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    folder = copy_set(corpus, tmp_path)
+    (folder / "set.001.bkp").unlink()
+    res = cli("--db", tmp_path / "db", "import-db", folder / "set.bkp")
+    assert res.code == 2 and "volume 1" in error_line(res) and "set.001.bkp" in error_line(res)
+    res = cli("bkp", "inspect", folder / "set.bkp")
+    assert res.code == 2 and "set.001.bkp, is missing" in res.err, res.err
+    res = cli("bkp", "salvage", folder / "set.bkp", tmp_path / "out.bkp")
+    assert res.code == 2 and "set.001.bkp, is missing" in res.err, res.err
+
+
 def test_missing_middle_volume_is_named(cli, corpus: VolumeCorpus, tmp_path: Path) -> None:
     folder = copy_set(corpus, tmp_path)
     (folder / "set.002.bkp").unlink()
@@ -477,3 +488,8 @@ def test_an_encrypted_volume_set(cli, corpus: VolumeCorpus, tmp_path: Path,
     for part in source:
         assert restored_catalog[part] == source[part], part
     assert check_consistent(restored) == check_consistent(corpus.db)
+    # a truncated encrypted volume: no pointer at salvage, which does not scan encrypted files
+    data = vols[1].read_bytes()
+    vols[1].write_bytes(data[:len(data) // 2])
+    res = cli("--db", tmp_path / "again", "import-db", out / "enc.bkp", "--passphrase-env", "DV_PASS")
+    assert res.code == 2 and "truncated" in error_line(res) and "salvage" not in error_line(res)

@@ -463,3 +463,30 @@ def test_compare_says_which_side_lacks_or_differs(cli, tmp_path: Path, pydicom_f
     reasons = {(p["what"], p["reason"]) for p in res.json()["problems"]}
     assert reasons == {("instance", "only in the other (unexpected extra)"),
                        ("attributes", "differs in the other")}, reasons
+
+
+@pytest.mark.parametrize(("argv", "json_out"), [
+    (["--json"], True),  # no command
+    (["--js", "annotate"], True),  # a prefix argparse takes for --json
+    (["annotate", "--json", "--comment"], True),
+    (["import-dicom", "--bogus", "--", "--json"], False),  # a path after --, not the option
+])
+def test_json_is_honoured_as_argparse_reads_it(cli, argv: list[str], json_out: bool) -> None:  # type: ignore[no-untyped-def]
+    res = cli(*argv)
+    assert res.code == 64
+    if json_out:
+        assert json.loads(res.out)["exit_code"] == 64
+    else:
+        assert res.out == ""
+
+
+def test_closed_or_broken_stdout_is_no_traceback(tmp_path: Path) -> None:
+    golden = Path(__file__).parent / "golden" / "bkp" / "v1" / "basic.bkp"
+    closed = run_dv_shell(">&-", "bkp", "inspect", golden, cwd=tmp_path)
+    assert closed.returncode == 0 and "Traceback" not in closed.stderr, closed.stderr
+    closed = run_dv_shell(">&-", "--json", "plugins", cwd=tmp_path)
+    assert closed.returncode == 0 and "Traceback" not in closed.stderr, closed.stderr
+    # a reader that goes away at once: no traceback, no "Exception ignored" at exit
+    for args in (["plugins"], ["--json", "bkp", "inspect", golden]):
+        gone = run_dv_shell("| (exec 0<&-; sleep 0.2)", *args, cwd=tmp_path)
+        assert "Traceback" not in gone.stderr and "Exception ignored" not in gone.stderr, gone.stderr

@@ -69,8 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.addHandler(stderr)
     log.setLevel(logging.WARNING)
     ctx: Context | None = None
-    # --json before the arguments are parsed (a usage error): as written on the command line
-    as_json = "--json" in (sys.argv[1:] if argv is None else argv)
+    if sys.stdout is None:  # >&-: the command still runs, what it would print goes nowhere
+        sys.stdout = open(os.devnull, "w")  # for the life of the process
+    as_json = _asks_for_json(sys.argv[1:] if argv is None else argv)
     try:
         pm = make_plugin_manager(autoload=not os.environ.get("DICOMVAULT_DISABLE_PLUGIN_AUTOLOAD"))
         hooks = Hooks(pm)
@@ -81,8 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.setLevel(logging.INFO if args.verbose == 1 else logging.DEBUG)
         op: Operation | None = getattr(args, "_operation", None)
         if op is None:
-            parser.print_help(sys.stderr)
-            return EXIT_USAGE
+            if sys.stderr is not None:  # print_help(None) would write to stdout
+                parser.print_help(sys.stderr)
+            return _failed("no command given (see dicomvault --help)", EXIT_USAGE, as_json, quiet=True)
         ctx = Context(hooks, args.db, json_output=args.json, quiet=args.quiet)
         pm.register(ProgressReporter(ctx, show_bar=not (args.quiet or args.json)), name="cli-progress")
         ctx.force = bool(getattr(args, "force", False))
@@ -94,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _failed("interrupted; everything committed so far is kept, nothing is half-written", 130,
                        as_json)
     except BrokenPipeError:
+        _silence_stdout()
         return EXIT_FAILED
     except OSError as exc:  # the file system said no (disk full, name too long): a message, no traceback
         return _failed(str(exc), EXIT_FAILED, as_json)
@@ -102,18 +105,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ctx is not None:
             ctx.close()
     if isinstance(result, Report):
-        if args.json:
-            sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
-        elif not args.quiet or result.problems:
-            print_summary(result)
+        try:
+            if args.json:
+                sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
+                sys.stdout.flush()
+            elif not args.quiet or result.problems:
+                print_summary(result)
+                sys.stdout.flush()
+        except BrokenPipeError:  # the reader went away (| head): the work itself is done
+            _silence_stdout()
         return result.exit_code
     return int(result)
 
 
-def _failed(message: str, code: int, as_json: bool) -> int:
-    """The one line on stderr; with ``--json`` also ``{"error", "exit_code"}``
-    on stdout, so that a script reading JSON gets JSON when the command fails."""
-    print_error(f"dicomvault: error: {message}" if code != 130 else f"dicomvault: {message}")
+def _asks_for_json(argv: Sequence[str]) -> bool:
+    """Whether the command line asks for --json, read before (and whether or
+    not) the full parse succeeds: a usage error must honour it too. Only the
+    option itself, or a prefix argparse would take for it, before ``--``."""
+    before = list(argv[:list(argv).index("--")]) if "--" in argv else list(argv)
+    probe = _Parser(add_help=False)  # errors raise UsageError instead of exiting
+    probe.add_argument("--json", action="store_true")
+    try:
+        known, _rest = probe.parse_known_args(before)
+    except UsageError:  # "--json=x", say: the real parse says what is wrong
+        return False
+    return bool(known.json)
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe: later writes (and the flush at exit) go nowhere."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _failed(message: str, code: int, as_json: bool, *, quiet: bool = False) -> int:
+    """The one line on stderr (unless ``quiet``: said already); with
+    ``--json`` also ``{"error", "exit_code"}`` on stdout, so that a script
+    reading JSON gets JSON when the command fails."""
+    if not quiet:
+        print_error(f"dicomvault: error: {message}" if code != 130 else f"dicomvault: {message}")
     if as_json:
         try:
             sys.stdout.write(msgspec.json.encode({"error": message, "exit_code": code}).decode() + "\n")

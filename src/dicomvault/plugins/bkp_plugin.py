@@ -496,7 +496,9 @@ def _open_source(url: str, ctx: Context) -> BkpSource:
             # Encrypted, and no --passphrase-env/--passphrase-file: ask in a terminal, else say how.
             return BkpSource(path, ctx.passphrase.get(f"the encrypted backup {path}"))
     except TruncatedError as exc:
-        if file_is_encrypted(path):  # not scanned by salvage (SPEC.md section 16)
+        # a set's volumes are all encrypted or none: its first one tells when the name is the set's
+        probe = path if Path(path).exists() else volume_path(Path(path), 1)
+        if file_is_encrypted(probe):  # not scanned by salvage (SPEC.md section 16)
             raise
         raise TruncatedError(f"{exc} (`dicomvault bkp salvage` recovers its intact instances into a "
                              "new file)") from exc

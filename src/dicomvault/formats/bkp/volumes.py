@@ -530,8 +530,12 @@ def open_backup(path: str | os.PathLike[str], passphrase: str | None = None) -> 
     given = Path(path)
     if not given.exists():
         first = volume_path(given, 1)
-        if given.name.lower().endswith(".bkp") and not _VOLUME_NAME.match(given.name) and first.exists():
+        as_set = given.name.lower().endswith(".bkp") and not _VOLUME_NAME.match(given.name)
+        if as_set and first.exists():
             return _open_set(first, _stem(given), None, passphrase)
+        if as_set and (found := sibling_volumes(given.parent, _stem(given))):
+            raise VolumeSetError(f"volume 1 of the set {given.name} is missing: {first.name} (found "
+                                 f"{sorted(found.values())[0][0].name})")
         # BkpReader says what is wrong
         return [Part(given, BkpReader(given, passphrase=passphrase), keep_open=True, passphrase=passphrase)]
     reader = open_named(given, passphrase)

@@ -42,7 +42,7 @@ from dicomvault.formats.bkp.layout import (
 )
 from dicomvault.formats.bkp.reader import BkpOpenError, BkpReader, open_named
 from dicomvault.formats.bkp.validate import Result, check
-from dicomvault.formats.bkp.volumes import volume_path
+from dicomvault.formats.bkp.volumes import sibling_volumes, volume_path
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -87,13 +87,18 @@ def _passphrase(args: argparse.Namespace, *, ask: bool = True) -> str | None:
 
 
 def _set_hint(path: str) -> str:
-    """For NAME.bkp that does not exist but NAME.001.bkp does: what to do."""
+    """For NAME.bkp that does not exist but volumes NAME.NNN.bkp do: what to do."""
     given = Path(path)
-    if given.exists() or not path.lower().endswith(".bkp") or not volume_path(given, 1).exists():
+    if given.exists() or not path.lower().endswith(".bkp"):
         return ""
-    return (f"; {given.name} names a volume set ({volume_path(given, 1).name}, ...): each volume is a "
-            "complete .bkp that these tools take one at a time, and import-db, compare and --from "
-            "take the whole set by this name")
+    found = sibling_volumes(given.parent, given.name[:-4])
+    if not found:
+        return ""
+    first = sorted(found.values())[0][0].name
+    missing = "" if 1 in found else f"; its volume 1, {volume_path(given, 1).name}, is missing"
+    return (f"; {given.name} names a volume set ({first}, ...): each volume is a complete .bkp that "
+            "these tools take one at a time, and import-db, compare and --from take the whole set by "
+            f"this name{missing}")
 
 
 def _open(args: argparse.Namespace) -> BkpReader:
@@ -128,7 +133,7 @@ def _inspect(args: argparse.Namespace) -> int:
             "patients": len(m.patients), "studies": len(m.studies), "series": len(m.series),
             "instances": reader.instance_count, "attributes": len(m.attributes),
             "attachments": len(m.attachments),
-            "encrypted": reader.encrypted,
+            "encrypted": reader.encrypted, "sealed": False,
             "manifest_pages": len(reader.pages),
             "manifest_bytes": reader.size - reader.data_start - 64
             - sum(FRAME.size + fe.stored for fe in m.frames),
@@ -160,10 +165,10 @@ def _inspect_sealed(args: argparse.Namespace) -> int:
         header = parse_header(fh.read(HEADER.size))
         fh.seek(size - FOOTER.size)
         _moff, _mlen, frames, _id = unpack_footer(fh.read(FOOTER.size))
-    created = datetime.datetime.fromtimestamp(header.created / 1e9, datetime.UTC)
-    info = {"file": args.file, "size": size, "version": f"{header.major}.{header.minor}",
-            "created": created.isoformat(), "file_id": header.file_id.hex(), "encrypted": True,
-            "frames": frames, "sealed": True}
+    created = datetime.datetime.fromtimestamp(header.created // 10**9, datetime.UTC)
+    info = {"file": args.file, "size": size, "format": "dicomvault-bkp",
+            "version": f"{header.major}.{header.minor}", "created": created.isoformat(),
+            "file_id": header.file_id.hex(), "encrypted": True, "frames": frames, "sealed": True}
     text = [
         f"file        {args.file} ({size:,} bytes)",
         f"format      dicomvault-bkp {info['version']}, created {info['created']}",
@@ -271,6 +276,8 @@ def _salvage(args: argparse.Namespace) -> int:
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
         raise UsageError(f"the folder {os.path.dirname(os.path.abspath(args.output))} does not exist")
     if not os.path.isfile(args.file):
+        if hint := _set_hint(args.file):  # as the other tools say it (exit 2)
+            raise BkpOpenError(f"cannot open {args.file}: no such file{hint}")
         raise UsageError(f"{args.file} is not a file")
     try:
         from dicomvault.formats.bkp.salvage import salvage  # pydicom: only when salvaging

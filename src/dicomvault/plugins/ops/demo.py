@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -126,7 +127,8 @@ def run(ctx: Context, args: argparse.Namespace) -> Report:
         "compression ratio": round(size / backup.stat().st_size, 2),
         "database": str(workdir / "db"),
         "restored database": str(workdir / "restored"),
-        "look around": f"dicomvault --db {workdir / 'restored'} ls --whole; dicomvault bkp ls {backup}",
+        "look around": f"dicomvault --db {shlex.quote(str(workdir / 'restored'))} ls --whole; "
+                       f"dicomvault bkp ls {shlex.quote(str(backup))}",
     })
     report.seconds = round(time.monotonic() - started, 3)
     if check.count(Outcome.UNCHANGED, "instance") != stored:
