@@ -35,6 +35,23 @@ class Mutant(bytes):
         return f"Mutant({len(self)} bytes, sha256 {hashlib.sha256(self).hexdigest()[:16]})"
 
 
+def _damage(draw: st.DrawFn, data: bytearray, kind: str) -> None:
+    """One mutation of ``kind`` at a drawn position of ``data`` (not empty)."""
+    at = draw(st.integers(0, len(data) - 1))
+    if kind == "flip":
+        data[at] ^= 1 << draw(st.integers(0, 7))
+    elif kind == "overwrite":
+        chunk = draw(st.binary(min_size=1, max_size=16))
+        data[at:at + len(chunk)] = chunk
+    elif kind == "huge":  # a length or offset field set to something absurd
+        data[at:at + 8] = draw(st.sampled_from([b"\xff" * 8, (1 << 62).to_bytes(8, "little"),
+                                                (1 << 40).to_bytes(8, "little")]))
+    elif kind == "truncate":
+        del data[at:]
+    else:
+        del data[at:at + draw(st.integers(1, 4096))]
+
+
 @st.composite
 def mutated(draw: st.DrawFn) -> bytes:
     data = bytearray((V1 / draw(st.sampled_from(SOURCES))).read_bytes())
@@ -42,19 +59,7 @@ def mutated(draw: st.DrawFn) -> bytes:
         kind = draw(st.sampled_from(["flip", "overwrite", "huge", "truncate", "cut-middle"]))
         if not data:
             break
-        at = draw(st.integers(0, len(data) - 1))
-        if kind == "flip":
-            data[at] ^= 1 << draw(st.integers(0, 7))
-        elif kind == "overwrite":
-            chunk = draw(st.binary(min_size=1, max_size=16))
-            data[at:at + len(chunk)] = chunk
-        elif kind == "huge":  # a length or offset field set to something absurd
-            data[at:at + 8] = draw(st.sampled_from([b"\xff" * 8, (1 << 62).to_bytes(8, "little"),
-                                                    (1 << 40).to_bytes(8, "little")]))
-        elif kind == "truncate":
-            del data[at:]
-        else:
-            del data[at:at + draw(st.integers(1, 4096))]
+        _damage(draw, data, kind)
     return Mutant(data)
 
 
@@ -144,15 +149,8 @@ def mutated_encrypted(draw: st.DrawFn) -> bytes:
             data[off + FRAME.size + draw(st.integers(0, stored - 1))] ^= 1 << draw(st.integers(0, 7))
             payload = bytes(data[off + FRAME.size:off + FRAME.size + stored])
             data[off:off + FRAME.size] = pack_frame_header(ftype, codec, seq, stored, raw, xxh3(payload))
-            continue
-        at = draw(st.integers(0, len(data) - 1))
-        if kind == "flip":
-            data[at] ^= 1 << draw(st.integers(0, 7))
-        elif kind == "overwrite":
-            chunk = draw(st.binary(min_size=1, max_size=16))
-            data[at:at + len(chunk)] = chunk
         else:
-            del data[at:]
+            _damage(draw, data, kind)
     return Mutant(data)
 
 

@@ -46,6 +46,7 @@ from dicomvault.formats.bkp.volumes import (
     open_backup,
     sibling_volumes,
     volume_path,
+    volumes_named_by,
 )
 from dicomvault.formats.bkp.writer import BkpWriter
 
@@ -496,9 +497,9 @@ def _open_source(url: str, ctx: Context) -> BkpSource:
             # Encrypted, and no --passphrase-env/--passphrase-file: ask in a terminal, else say how.
             return BkpSource(path, ctx.passphrase.get(f"the encrypted backup {path}"))
     except TruncatedError as exc:
-        # a set's volumes are all encrypted or none: its first one tells when the name is the set's
-        probe = path if Path(path).exists() else volume_path(Path(path), 1)
-        if file_is_encrypted(probe):  # not scanned by salvage (SPEC.md section 16)
+        # a set's volumes are all encrypted or none: any of them tells when the name is the set's
+        volumes = volumes_named_by(Path(path))
+        if file_is_encrypted(volumes[min(volumes)][0] if volumes else path):  # not scanned by salvage
             raise
         raise TruncatedError(f"{exc} (`dicomvault bkp salvage` recovers its intact instances into a "
                              "new file)") from exc

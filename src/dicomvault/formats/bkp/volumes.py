@@ -127,6 +127,15 @@ def sibling_volumes(directory: Path, stem: str) -> dict[int, list[Path]]:
     return out
 
 
+def volumes_named_by(path: Path) -> dict[int, list[Path]]:
+    """The volumes ``NAME.NNN.bkp`` beside ``path`` when ``path`` is the name
+    of a set (``NAME.bkp``, not itself a file, not itself a volume's name),
+    by number; ``{}`` otherwise."""
+    if path.exists() or not path.name.lower().endswith(".bkp") or _VOLUME_NAME.match(path.name):
+        return {}
+    return sibling_volumes(path.parent, _stem(path))
+
+
 # ====================================================================== writing
 
 
@@ -530,12 +539,11 @@ def open_backup(path: str | os.PathLike[str], passphrase: str | None = None) -> 
     given = Path(path)
     if not given.exists():
         first = volume_path(given, 1)
-        as_set = given.name.lower().endswith(".bkp") and not _VOLUME_NAME.match(given.name)
-        if as_set and first.exists():
-            return _open_set(first, _stem(given), None, passphrase)
-        if as_set and (found := sibling_volumes(given.parent, _stem(given))):
+        if found := volumes_named_by(given):
+            if first.exists():
+                return _open_set(first, _stem(given), None, passphrase)
             raise VolumeSetError(f"volume 1 of the set {given.name} is missing: {first.name} (found "
-                                 f"{sorted(found.values())[0][0].name})")
+                                 f"{found[min(found)][0].name})")
         # BkpReader says what is wrong
         return [Part(given, BkpReader(given, passphrase=passphrase), keep_open=True, passphrase=passphrase)]
     reader = open_named(given, passphrase)

@@ -16,8 +16,9 @@ import datetime
 import os
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -42,7 +43,9 @@ from dicomvault.formats.bkp.layout import (
 )
 from dicomvault.formats.bkp.reader import BkpOpenError, BkpReader, open_named
 from dicomvault.formats.bkp.validate import Result, check
-from dicomvault.formats.bkp.volumes import sibling_volumes, volume_path
+from dicomvault.formats.bkp.volumes import volume_path, volumes_named_by
+
+T = TypeVar("T")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -89,27 +92,29 @@ def _passphrase(args: argparse.Namespace, *, ask: bool = True) -> str | None:
 def _set_hint(path: str) -> str:
     """For NAME.bkp that does not exist but volumes NAME.NNN.bkp do: what to do."""
     given = Path(path)
-    if given.exists() or not path.lower().endswith(".bkp"):
-        return ""
-    found = sibling_volumes(given.parent, given.name[:-4])
+    found = volumes_named_by(given)
     if not found:
         return ""
-    first = sorted(found.values())[0][0].name
     missing = "" if 1 in found else f"; its volume 1, {volume_path(given, 1).name}, is missing"
-    return (f"; {given.name} names a volume set ({first}, ...): each volume is a complete .bkp that "
-            "these tools take one at a time, and import-db, compare and --from take the whole set by "
-            f"this name{missing}")
+    return (f"; {given.name} names a volume set ({found[min(found)][0].name}, ...): each volume is a "
+            "complete .bkp that these tools take one at a time, and import-db, compare and --from take "
+            f"the whole set by this name{missing}")
+
+
+def _asking_late(args: argparse.Namespace, use: Callable[[str | None], T]) -> T:
+    """``use(passphrase)`` with the passphrase the command line gives (None
+    without one); asked for (in a terminal) only when ``use`` finds the file
+    sound and encrypted (SPEC.md 10.1: a truncated file says so first)."""
+    try:
+        return use(_passphrase(args, ask=False))
+    except PassphraseRequiredError:
+        return use(_passphrase(args))
 
 
 def _open(args: argparse.Namespace) -> BkpReader:
-    """The file, opened; errors (one line, exit code 2) name it. The
-    passphrase is asked for only once the file's structure is known to be
-    sound (SPEC.md 10.1): a truncated file says so first."""
+    """The file, opened; errors (one line, exit code 2) name it."""
     try:
-        try:
-            return open_named(args.file, passphrase=_passphrase(args, ask=False))
-        except PassphraseRequiredError:
-            return open_named(args.file, passphrase=_passphrase(args))
+        return _asking_late(args, lambda passphrase: open_named(args.file, passphrase=passphrase))
     except BkpOpenError as exc:
         if hint := _set_hint(args.file):
             raise BkpOpenError(f"{exc}{hint}") from exc
@@ -282,10 +287,7 @@ def _salvage(args: argparse.Namespace) -> int:
     try:
         from dicomvault.formats.bkp.salvage import salvage  # pydicom: only when salvaging
 
-        try:
-            result = salvage(args.file, args.output, passphrase=_passphrase(args, ask=False))
-        except PassphraseRequiredError:  # the file is sound enough to be salvaged: now ask
-            result = salvage(args.file, args.output, passphrase=_passphrase(args))
+        result = _asking_late(args, lambda passphrase: salvage(args.file, args.output, passphrase=passphrase))
     except OSError as exc:
         raise UsageError(f"cannot salvage {args.file}: {exc.strerror or exc}") from exc
     text = [f"note: {n}" for n in result.notes]
